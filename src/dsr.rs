@@ -1,0 +1,1 @@
+//! dsr (to be written)

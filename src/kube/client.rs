@@ -1,0 +1,1 @@
+//! kube::client (to be written)

@@ -1,0 +1,1 @@
+//! kube::kubeconfig (to be written)

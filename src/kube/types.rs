@@ -1,0 +1,1 @@
+//! kube::types (to be written)

@@ -1,0 +1,1 @@
+//! kube::watch (to be written)

@@ -1,0 +1,21 @@
+//! kr-tunneld: kube-router's overlay tunnels and IPVS tunnel-mode DSR as a small, synchronous daemon.
+//!
+//! The crate is a functional core with a thin imperative shell (see STYLE.md in the design notes):
+//!
+//! * core (pure, no I/O, no clock): [`cli`], [`config`], [`kube::types`], [`kube::watch`],
+//!   [`model`], [`nodes`], [`reconcile`], [`dsr`] and the netlink message builders/parsers;
+//! * shell (one operation per function, decides nothing): [`kube::client`], [`netlink::socket`],
+//!   [`apply`], [`systemd`], [`daemon`] and `main.rs`.
+
+pub mod apply;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dsr;
+pub mod kube;
+pub mod logging;
+pub mod model;
+pub mod netlink;
+pub mod nodes;
+pub mod reconcile;
+pub mod systemd;

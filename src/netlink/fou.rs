@@ -1,0 +1,1 @@
+//! netlink::fou (to be written)

@@ -1,0 +1,1 @@
+//! netlink::genl (to be written)

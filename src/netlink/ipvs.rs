@@ -1,0 +1,1 @@
+//! netlink::ipvs (to be written)

@@ -1,0 +1,1 @@
+//! netlink::rtnl (to be written)

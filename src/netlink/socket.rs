@@ -1,0 +1,1 @@
+//! netlink::socket (to be written)

@@ -1,0 +1,2 @@
+//! All integration tests compile into this one binary (ripgrep's layout).
+//! Privileged kernel tests are `#[ignore]`d and run by tests/run-kernel-tests.sh (VM or netns).
