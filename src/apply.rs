@@ -154,11 +154,9 @@ impl FakeKernel {
                 s.rules.push(r.clone());
             }
             Op::DeleteRule(r) => {
-                let before = s.rules.len();
-                s.rules.retain(|x| x != r);
-                if s.rules.len() == before {
-                    return Err(err(libc::ENOENT));
-                }
+                // The kernel deletes the first matching rule only.
+                let i = s.rules.iter().position(|x| x == r).ok_or_else(|| err(libc::ENOENT))?;
+                s.rules.remove(i);
             }
         }
         Ok(())

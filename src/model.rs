@@ -227,7 +227,7 @@ impl Route {
 }
 
 /// A policy-routing rule (`RTM_NEWRULE`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Rule {
     /// Address family.
     pub family: Family,
