@@ -318,6 +318,8 @@ mod tests {
             &["--enable-overlay=false"],
             &["--overlay-encap=fou", "--overlay-encap-port=6000", "--tunnel-ttl=10"],
             &["--tunnel-mtu=1400", "--overlay-type=full"],
+            &["--tunnel-ttl=10"],
+            &["--enable-ipv6=true", "--overlay-type=full"],
         ];
         for a in combos {
             for b in combos {
