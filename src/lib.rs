@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dsr;
 pub mod kube;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod nodes;
