@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# run-all.sh - the project's test command: `bash tests/run-all.sh`.
+#
+#   1. cargo test                   unit tests, doc tests and the non-ignored
+#                                   integration tests (no root needed)
+#   2. tests/run-kernel-tests.sh    the #[ignore]d kernel tests, as root, on the
+#                                   host kernel or in a QEMU guest (see there)
+#
+# Both phases always run.  Exit status: 0 only if both pass.  The last line is
+# "N passed, N failed", summed over both phases from cargo's "test result:"
+# lines; a phase that fails without reporting a failed test (build error, VM
+# crash) counts as one failure.
+# Env: KRT_SKIP_KERNEL_TESTS=1 skips phase 2 (says so; for quick local runs).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 125
+T0=$(date +%s)
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/krt-run-all.XXXXXX")
+trap 'rm -rf "$LOGS"' EXIT
+
+PASSED=0 FAILED=0 RC=0
+SUMMARY=()
+# phase NAME COMMAND...: run COMMAND with its output shown and logged, then add
+# up its "test result:" lines.
+phase() {
+  local name=$1 t rc p f log
+  shift
+  log=$LOGS/$name.log
+  echo "=== $name: $*"
+  t=$(date +%s)
+  "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  read -r p f < <(sed 's/\x1b\[[0-9;]*m//g' "$log" |
+    awk '/^test result: / { for (i = 1; i < NF; i++) {
+                              if ($(i+1) ~ /^passed/) p += $i
+                              if ($(i+1) ~ /^failed/) f += $i } }
+         END { print p + 0, f + 0 }')
+  if ((rc != 0 && f == 0)); then
+    f=1
+    SUMMARY+=("$name: exit $rc without a failed test: counted as 1 failure")
+  fi
+  SUMMARY+=("$name: $p passed, $f failed, exit $rc, $(($(date +%s) - t))s")
+  PASSED=$((PASSED + p)) FAILED=$((FAILED + f))
+  ((rc == 0)) || RC=1
+}
+
+phase cargo-test cargo test
+if [[ ${KRT_SKIP_KERNEL_TESTS:-0} == 1 ]]; then
+  SUMMARY+=("kernel-tests: SKIPPED (KRT_SKIP_KERNEL_TESTS=1)")
+else
+  phase kernel-tests bash tests/run-kernel-tests.sh
+fi
+
+echo "=== summary ($(($(date +%s) - T0))s)"
+printf '%s\n' "${SUMMARY[@]}"
+echo "$PASSED passed, $FAILED failed"
+exit "$RC"
