@@ -1,2 +1,12 @@
 //! All integration tests compile into this one binary (ripgrep's layout).
 //! Privileged kernel tests are `#[ignore]`d and run by tests/run-kernel-tests.sh (VM or netns).
+
+// Journal and plain log formats, and init() choosing between them.
+#[cfg(test)]
+mod logging;
+// .deb/.rpm from packaging/build.sh, the unit, the environment file and the man page.
+#[cfg(test)]
+mod packaging;
+// sd_notify messages received on a stand-in NOTIFY_SOCKET (path and abstract).
+#[cfg(test)]
+mod systemd_notify;
