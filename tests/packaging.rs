@@ -425,9 +425,13 @@ fn files_under(root: &Path) -> BTreeSet<String> {
 fn dpkg(root: &Path) -> Command {
     let mut cmd = Command::new("dpkg");
     // Chrootless: the maintainer scripts run here with DPKG_ROOT set (the scratch root has no
-    // shell); libc6 and friends are not in the scratch root's database.
-    cmd.arg(format!("--root={}", root.display()))
-        .args(["--force-script-chrootless", "--force-depends"]);
+    // shell); libc6 and friends are not in the scratch root's database. --path-include undoes
+    // the path-exclude lines of slim container images (/usr/share/man, /usr/share/doc).
+    cmd.arg(format!("--root={}", root.display())).args([
+        "--force-script-chrootless",
+        "--force-depends",
+        "--path-include=/*",
+    ]);
     cmd
 }
 
