@@ -3,3 +3,12 @@
 
 // Kernel-test rig: netns/`ip` helpers for kernel tests, and environment self-checks.
 mod rig;
+// Journal and plain log formats, and init() choosing between them.
+#[cfg(test)]
+mod logging;
+// .deb/.rpm from packaging/build.sh, the unit, the environment file and the man page.
+#[cfg(test)]
+mod packaging;
+// sd_notify messages received on a stand-in NOTIFY_SOCKET (path and abstract).
+#[cfg(test)]
+mod systemd_notify;
