@@ -627,6 +627,14 @@ pub fn map_io_error(op: &str, server: &str, e: io::Error) -> KubeError {
             reason: "i/o error".into(),
         };
     }
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        // ureq reports a reset (ECONNRESET) and a FIN in the middle of a body alike, as
+        // UnexpectedEof "Peer disconnected".
+        return KubeError::Transport {
+            op: op.to_string(),
+            reason: "connection reset or closed by the server in mid-response".into(),
+        };
+    }
     classify(op, server, e.to_string())
 }
 

@@ -325,13 +325,14 @@ fn publish<T: Resource>(
     sink: &mut dyn FnMut(Update<T>),
     opts: &WatchOptions,
 ) {
+    // Statistics first, so that whoever reacts to an update sees counters that include it.
+    opts.stats.update(m.counters(), m.synced());
     for out in m.take_output() {
         match out {
             Output::Update(u) => sink(u),
             Output::Log(level, msg) => log::log!(level, "{msg}"),
         }
     }
-    opts.stats.update(m.counters(), m.synced());
 }
 
 #[cfg(test)]
