@@ -5,3 +5,5 @@
 mod apiserver;
 // List+watch against the stand-in: recorded payloads and every fault case of the kube client.
 mod kube_watch;
+// TLS of the kube client against `openssl s_server`: CA, client certificate, fail closed.
+mod kube_tls;
