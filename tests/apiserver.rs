@@ -667,6 +667,14 @@ pub fn logs_of(thread: ThreadId) -> Vec<Record> {
         .unwrap_or_default()
 }
 
+/// Every message captured so far, from any thread.
+pub fn all_messages() -> Vec<String> {
+    CAPTURE
+        .get()
+        .map(|c| lock(&c.0).iter().map(|r| r.message.clone()).collect())
+        .unwrap_or_default()
+}
+
 /// Messages at `level` logged by `thread`.
 pub fn messages(thread: ThreadId, level: log::Level) -> Vec<String> {
     logs_of(thread)

@@ -19,7 +19,9 @@ use kr_tunneld::kube::{
 use log::Level;
 use serde_json::{json, Value};
 
-use crate::apiserver::{capture_logs, eventually, messages, ApiServer, Fault, Kind, Mirror};
+use crate::apiserver::{
+    all_messages, capture_logs, eventually, messages, ApiServer, Fault, Kind, Mirror,
+};
 
 const LIST_NODES: &str = include_str!("data/list-nodes.json");
 const WATCH_NODES: &str = include_str!("data/watch-nodes-http11.raw");
@@ -475,26 +477,26 @@ fn expired_token_then_rotated_token_file() {
     let dir = std::env::temp_dir().join(format!("kr-kube-token-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let token = dir.join("token");
-    std::fs::write(&token, "token-one\n").unwrap();
+    std::fs::write(&token, "one-5ecret\n").unwrap();
     let server = nodes_server(&["a"]);
-    server.require_token(Some("token-one"));
+    server.require_token(Some("one-5ecret"));
     let mut w = Watch::<Node>::start(client(&server.url(), Some(token.clone())), fast());
     w.synced();
 
     // The token expires (server side). The file is not rotated yet: 401s, one warning.
-    server.require_token(Some("token-two"));
+    server.require_token(Some("two-5ecret"));
     assert!(eventually(WAIT, || w.stats.faults() >= 3));
     let warns = w.warnings();
     assert_eq!(warns.len(), 1, "{warns:?}");
     assert!(warns[0].contains("http 401"), "{warns:?}");
     // The kubelet rotates the file: picked up on the next attempt.
-    std::fs::write(&token, "token-two\n").unwrap();
+    std::fs::write(&token, "two-5ecret\n").unwrap();
     server.apply("ADDED", node("b", "198.51.100.2"));
     assert!(w.mirror.wait_for(WAIT, |m| m.objects.contains_key("b")));
     assert!(w.mirror.removed.is_empty());
     assert_eq!(w.warnings().len(), 1);
     let last = server.requests().last().unwrap().authorization.clone();
-    assert_eq!(last.as_deref(), Some("Bearer token-two"));
+    assert_eq!(last.as_deref(), Some("Bearer two-5ecret"));
 
     // A rotation that stat() cannot see (same inode, size and mtime): the 401 forces a
     // re-read and one retry, which succeeds without a warning.
@@ -507,14 +509,14 @@ fn expired_token_then_rotated_token_file() {
             .open(&token)
             .unwrap();
         f.seek(std::io::SeekFrom::Start(0)).unwrap();
-        f.write_all(b"token-333\n").unwrap();
+        f.write_all(b"333-5ecret\n").unwrap();
         f.set_modified(mtime).unwrap();
     }
-    server.require_token(Some("token-333"));
+    server.require_token(Some("333-5ecret"));
     // The open stream stays authenticated (as on a real API server); the next watch request
     // (after timeoutSeconds=1) meets the new token.
     assert!(eventually(WAIT, || server.requests().iter().any(|r| {
-        r.authorization.as_deref() == Some("Bearer token-333")
+        r.authorization.as_deref() == Some("Bearer 333-5ecret")
     })));
     server.apply("ADDED", node("c", "198.51.100.3"));
     assert!(w.mirror.wait_for(WAIT, |m| m.objects.contains_key("c")));
@@ -525,6 +527,10 @@ fn expired_token_then_rotated_token_file() {
         .any(|m| m.contains("401 unauthorized, retrying once")));
     assert_eq!(w.warnings().len(), 1);
     w.finish();
+    // No token ever reached a log line (ours or ureq's), from any thread.
+    for m in all_messages() {
+        assert!(!m.contains("5ecret"), "token in log: {m}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

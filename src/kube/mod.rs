@@ -26,11 +26,12 @@ pub mod watch;
 
 use serde::de::DeserializeOwned;
 
-pub use client::Client;
+pub use client::{Client, ClientOptions};
 pub use driver::{spawn_watch, Stop, WatchOptions, WatchStats};
 pub use error::{KubeError, Secret};
 pub use settings::ConnectionSettings;
 pub use types::{EndpointSlice, Node, Service};
+pub use watch::WatchConfig;
 
 /// A change to the daemon's view of one resource type.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,8 @@
 //! Typed views of the Kubernetes objects kr-tunneld reads (SPEC K-5), and the lenient decoders
 //! for list pages and watch events.
 //!
-//! Core module: pure decoding, no I/O, no clock, no logging. Only the fields we use are decoded;
+//! Core module: pure decoding. It must never do I/O, read the clock or log. Only the fields we
+//! use are decoded;
 //! unknown fields are ignored and every field has a default (and `null` means the default), so
 //! partial objects decode. An object that still does not fit (a string where a list belongs) is
 //! returned as [`Skipped`] with its name, never as an error for the whole list or stream (SPEC

@@ -1384,6 +1384,37 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic() {
+        // R-1: whatever the stream holds, the machine answers with a decision, not a panic.
+        let t0 = Instant::now();
+        let base = json_lines(WATCH_NODES).into_bytes();
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..300 {
+            let mut m = listed(&["node1"], "5", t0);
+            let mut data = base.clone();
+            for _ in 0..(round % 20 + 1) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let i = (rng as usize) % data.len();
+                data[i] = (rng >> 32) as u8;
+            }
+            for chunk in data.chunks(1 + round % 97) {
+                if m.watch_data(chunk, t0) == Flow::Stop {
+                    break;
+                }
+            }
+            m.watch_ended(None, t0 + Duration::from_secs(100));
+            m.take_output();
+            assert!(!matches!(m.next(t0), Next::List { .. }) || m.resource_version().is_empty());
+        }
+        let mut m = WatchMachine::<Node>::new(cfg(), 1);
+        m.next(t0);
+        m.list_page(&[0xff, b'{', b'[', 0], t0);
+        assert!(matches!(m.next(t0), Next::Wait { .. }));
+    }
+
+    #[test]
     fn helpers() {
         assert_eq!(trim(b" \r\n{x}\r\n"), b"{x}");
         assert_eq!(trim(b"\r"), b"");
