@@ -12,3 +12,9 @@ mod packaging;
 // sd_notify messages received on a stand-in NOTIFY_SOCKET (path and abstract).
 #[cfg(test)]
 mod systemd_notify;
+// Scriptable kube-apiserver stand-in (HTTP/1.1, chunked watches, faults), log capture, mirror.
+mod apiserver;
+// List+watch against the stand-in: recorded payloads and every fault case of the kube client.
+mod kube_watch;
+// TLS of the kube client against `openssl s_server`: CA, client certificate, fail closed.
+mod kube_tls;
