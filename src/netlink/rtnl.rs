@@ -37,6 +37,9 @@ use netlink_packet_route::{AddressFamily, IpProtocol};
 
 use super::socket::flags::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use super::socket::Request;
+// The shell that sends these messages; re-exported here because `crate::apply` names it so.
+pub use super::kernel::NetlinkKernel;
+
 use crate::model::{Addr, Encap, Family, Link, LinkKind, NextHop, Route, RouteKind, Rule, Tunnel};
 
 // uapi <linux/rtnetlink.h> message types.
