@@ -11,14 +11,15 @@
 //!
 //! * `NETLINK_EXT_ACK` is requested, so kernel error messages ("Unknown device type", "Invalid
 //!   attribute") travel with the errno into [`NetlinkError::Kernel`] and from there into the
-//!   daemon's logs (SPEC R-2). `NETLINK_CAP_ACK` is requested too, so an error ack does not echo the
-//!   whole request back: this keeps acks small when a [`NlSocket::batch`] has hundreds in flight.
+//!   daemon's logs (SPEC R-2). `NETLINK_CAP_ACK` is requested too, so an error ack does not
+//!   echo the whole request back: this keeps acks small when a [`NlSocket::batch`] has hundreds
+//!   in flight.
 //! * Reads are bounded by `SO_RCVTIMEO` ([`RECV_TIMEOUT`]): a kernel that never answers costs one
 //!   timeout, not a hung daemon. Replies that do not carry our port ID or the sequence number we
 //!   wait for (for example a late answer to a request that timed out) are skipped.
 //! * Dumps are read until `NLMSG_DONE`; a dump in which any part carries `NLM_F_DUMP_INTR` (the
-//!   kernel's table changed while it was dumping) is read to its end and then started again, at most
-//!   [`DUMP_ATTEMPTS`] times (SPEC T-10).
+//!   kernel's table changed while it was dumping) is read to its end and then started again, at
+//!   most [`DUMP_ATTEMPTS`] times (SPEC T-10).
 //! * A batch packs many requests, each with its own sequence number and `NLM_F_ACK`, into as few
 //!   `send` calls as fit in [`BATCH_BYTES`] and [`BATCH_MESSAGES`], then collects one ack per
 //!   request. The kernel handles the messages of one datagram in order and keeps going after a

@@ -27,7 +27,8 @@ const V4_LO: &[u8] = &[
     0x14, 0x00, 0x06, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0xf4, 0x00, 0x00, 0x00, 0xf4, 0x00, 0x00, // IFA_CACHEINFO (preferred, valid, cstamp, tstamp)
 ];
 
-/// Dump entry for `inet6 fd00::1/64 scope global nodad`: IPv6 has no `IFA_LOCAL`, captured as above.
+/// Dump entry for `inet6 fd00::1/64 scope global nodad`: IPv6 has no `IFA_LOCAL`, captured as
+/// above.
 #[rustfmt::skip]
 const V6_VETH: &[u8] = &[
     0x0a, 0x40, 0x82, 0x00, 0x03, 0x00, 0x00, 0x00, // ifaddrmsg: AF_INET6, /64, IFA_F_PERMANENT|IFA_F_NODAD, scope universe, ifindex 3

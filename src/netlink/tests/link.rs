@@ -12,7 +12,8 @@ use super::full_flags;
 
 /// `ip link add kt0a000002 mtu 1480 group 7 up type ipip local 10.0.0.1 remote 10.0.0.2 ttl 64
 /// pmtudisc encap gue encap-sport auto encap-dport 5555 mode ipip`.
-/// Captured from iproute2 6.1.0 (Debian 12) under the Debian kernel 6.1.0-56-amd64 (VM), with `strace -f -e trace=sendmsg,sendto -e write=3 -xx -s 65535`.
+/// Captured from iproute2 6.1.0 (Debian 12) under the Debian kernel 6.1.0-56-amd64 (VM), with
+/// `strace -f -e trace=sendmsg,sendto -e write=3 -xx -s 65535`.
 /// Deliberate difference: `IFLA_INFO_KIND` carries a NUL, as netlink-packet-route emits it and the
 /// kernel itself dumps it (iproute2 omits the NUL; the kernel accepts both).
 #[rustfmt::skip]
@@ -39,8 +40,8 @@ const IPIP_GUE_CREATE: &[u8] = &[
 ];
 
 /// `ip link add kt0a000003 mtu 1480 group 7 up type ipip local 10.0.0.1 remote 10.0.0.3 ttl 64
-/// pmtudisc mode ipip`. Captured as above; same difference (NUL in `IFLA_INFO_KIND`). iproute2 sends
-/// the encap attributes with zeros, as we do.
+/// pmtudisc mode ipip`. Captured as above; same difference (NUL in `IFLA_INFO_KIND`). iproute2
+/// sends the encap attributes with zeros, as we do.
 #[rustfmt::skip]
 const IPIP_PLAIN_CREATE: &[u8] = &[
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, // ifinfomsg: AF_UNSPEC, ifindex 0, flags IFF_UP, change IFF_UP

@@ -47,7 +47,8 @@ const FROM6: &[u8] = &[
 ];
 
 /// `ip rule del pref 32000 from 10.244.0.0/24 lookup 77 proto 44`. Captured as above.
-/// Differences: `FRA_TABLE` is sent, and the action is `FR_ACT_TO_TBL` where iproute2 sends 0 (any).
+/// Differences: `FRA_TABLE` is sent, and the action is `FR_ACT_TO_TBL` where iproute2 sends 0
+/// (any).
 #[rustfmt::skip]
 const DELETE4: &[u8] = &[
     0x02, 0x00, 0x18, 0x00, 0x4d, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, // fib_rule_hdr: AF_INET, dst_len 0, src_len 24, table 77, FR_ACT_TO_TBL
