@@ -1181,3 +1181,141 @@ fn route_rule_read_is_stable_and_empty_apply_writes_nothing() {
 fn tunnel_read_is_stable_and_empty_apply_writes_nothing() {
     read_stable(true);
 }
+
+/// One batch with a failing request in the middle: the kernel goes on with the rest, each result
+/// lands on its own op, and the kernel's extended ack text comes with the errno (SPEC R-2).
+#[test]
+#[ignore]
+fn route_batch_reports_each_failure() {
+    let ns = route_ns();
+    ns.run(|| {
+        let mut k = kernel();
+        let routes = test_routes();
+        let bad = Route {
+            dst: "10.244.7.0/24".parse().unwrap(),
+            nexthop: NextHop::Via("203.0.113.1".parse().unwrap()),
+            src: None,
+            ..routes[0].clone()
+        };
+        let ops = vec![
+            Op::ReplaceRoute(routes[0].clone()),
+            Op::ReplaceRoute(bad),
+            Op::ReplaceRoute(routes[2].clone()),
+            Op::AddRule(test_rules()[0].clone()),
+        ];
+        let failed = k.apply(&own(), &ops);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        let (i, e) = &failed[0];
+        assert_eq!((*i, e.errno), (1, libc::ENETUNREACH), "{e}");
+        assert!(!e.msg.is_empty(), "extack text expected: {e}");
+        assert!(
+            e.to_string()
+                .starts_with("replace route 10.244.7.0/24 via 203.0.113.1"),
+            "{e}"
+        );
+        let a = k.read(&own()).unwrap();
+        assert_eq!(
+            sorted(a.routes),
+            sorted(vec![routes[0].clone(), routes[2].clone()])
+        );
+        assert_eq!(a.rules, vec![test_rules()[0].clone()]);
+    });
+}
+
+/// SPEC P-1, measured: 1,000 peers (tunnel + route each) from nothing, through `apply` and through
+/// `ip -batch` with the same requests, each in a fresh namespace. Prints both times; fails when
+/// ours is more than 1.0× iproute2's (`KT_BENCH_PEERS` changes the count).
+#[test]
+#[ignore]
+fn tunnel_bench_1000_peers_vs_ip_batch() {
+    let peers: u32 = std::env::var("KT_BENCH_PEERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let tunnels: Vec<(Tunnel, Route)> = (0..peers)
+        .map(|i| {
+            let remote: IpAddr = std::net::Ipv4Addr::from(0x0a64_0000 + i + 2).into();
+            let t = Tunnel {
+                name: tunnel_name(Family::V4, remote),
+                family: Family::V4,
+                local: "10.100.0.1".parse().unwrap(),
+                remote,
+                encap: Encap::Gue {
+                    sport: 0,
+                    dport: PORT,
+                },
+                ttl: 64,
+                pmtudisc: true,
+                mtu: 1468,
+            };
+            let r = Route {
+                table: 254,
+                dst: format!("10.{}.{}.0/24", 128 + i / 256, i % 256)
+                    .parse()
+                    .unwrap(),
+                nexthop: NextHop::Dev(t.name.clone()),
+                src: Some("10.100.0.1".parse().unwrap()),
+                protocol: PROTO,
+                kind: RouteKind::Unicast,
+                advmss: None,
+            };
+            (t, r)
+        })
+        .collect();
+    let mut ops: Vec<Op> = tunnels
+        .iter()
+        .map(|(t, _)| Op::CreateTunnel(t.clone()))
+        .collect();
+    ops.extend(tunnels.iter().map(|(_, r)| Op::ReplaceRoute(r.clone())));
+    let mut batch = String::new();
+    for (t, _) in &tunnels {
+        batch += &format!(
+            "link add {} mtu 1468 group {GROUP} up type ipip local {} remote {} ttl 64 pmtudisc \
+             encap gue encap-sport auto encap-dport {PORT} mode ipip\n",
+            t.name, t.local, t.remote
+        );
+    }
+    for (_, r) in &tunnels {
+        let NextHop::Dev(dev) = &r.nexthop else {
+            unreachable!()
+        };
+        batch += &format!(
+            "route replace {} dev {dev} src 10.100.0.1 proto {PROTO}\n",
+            r.dst
+        );
+    }
+    let file = std::env::temp_dir().join(format!("kt-bench-{}.batch", std::process::id()));
+    std::fs::write(&file, batch).unwrap();
+
+    let ours = Netns::new().run(move || {
+        add_addr("lo", "10.100.0.1/32");
+        let mut k = kernel();
+        let start = std::time::Instant::now();
+        apply(&mut k, &ops);
+        let took = start.elapsed();
+        assert_eq!(k.read(&own()).unwrap().routes.len(), peers as usize);
+        took
+    });
+    let path = file.clone();
+    let theirs = Netns::new().run(move || {
+        add_addr("lo", "10.100.0.1/32");
+        let start = std::time::Instant::now();
+        ip(&["-batch", path.to_str().unwrap()]);
+        let took = start.elapsed();
+        assert_eq!(
+            kernel()
+                .routes(PROTO, &kernel().links().unwrap())
+                .unwrap()
+                .len(),
+            peers as usize
+        );
+        took
+    });
+    let _ = std::fs::remove_file(&file);
+    let ratio = ours.as_secs_f64() / theirs.as_secs_f64();
+    eprintln!("P-1: {peers} peers: apply {ours:?}, ip -batch {theirs:?}, ratio {ratio:.2}");
+    assert!(
+        ratio <= 1.0,
+        "apply {ours:?} slower than ip -batch {theirs:?}"
+    );
+}
