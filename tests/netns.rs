@@ -667,6 +667,28 @@ fn change_every_attribute(family: Family) {
                 "in-place change to {want:?}"
             );
         }
+        // A remote of "any" (no point-to-point peer) is refused in place by ipip.
+        let any = Tunnel {
+            remote: match family {
+                Family::V4 => "0.0.0.0".parse().unwrap(),
+                Family::V6 => "::".parse().unwrap(),
+            },
+            ..t.clone()
+        };
+        let res = apply_one(&mut k, Op::ChangeTunnel { index, want: any });
+        match family {
+            // ipip: the point-to-point flag cannot change in place.
+            Family::V4 => assert_eq!(res.unwrap_err().errno, libc::EINVAL),
+            // ip6tnl accepts it.
+            Family::V6 => res.unwrap(),
+        }
+        apply(
+            &mut k,
+            &[Op::ChangeTunnel {
+                index,
+                want: t.clone(),
+            }],
+        );
         if family == Family::V4 {
             // Measured on 6.1: a non-zero TTL forces DF (PMTU discovery) on an ipip tunnel; the
             // kernel accepts PMTUDISC=0 with TTL 64 and silently keeps discovery on.
@@ -677,6 +699,17 @@ fn change_every_attribute(family: Family) {
             apply(&mut k, &[Op::ChangeTunnel { index, want }]);
             let links = k.links().unwrap();
             let l = links.iter().find(|l| l.name == "kttest").unwrap();
+            assert_eq!(l.tunnel.as_ref().map(|x| x.pmtudisc), Some(true));
+            // The same at creation.
+            let created = Tunnel {
+                name: "kttest2".into(),
+                remote: r2.parse().unwrap(),
+                pmtudisc: false,
+                ..t.clone()
+            };
+            apply(&mut k, &[Op::CreateTunnel(created)]);
+            let links = k.links().unwrap();
+            let l = links.iter().find(|l| l.name == "kttest2").unwrap();
             assert_eq!(l.tunnel.as_ref().map(|x| x.pmtudisc), Some(true));
         }
     });
