@@ -1352,3 +1352,39 @@ fn tunnel_bench_1000_peers_vs_ip_batch() {
         "apply {ours:?} slower than ip -batch {theirs:?}"
     );
 }
+
+/// `delete_link_group` (for `kr-tunneld cleanup`): our group goes in one request, another group
+/// stays, an empty group is success.
+#[test]
+#[ignore]
+fn tunnel_delete_link_group() {
+    let ns = Netns::new();
+    ns.run(|| {
+        let mut k = kernel();
+        let t = |i: u8| Tunnel {
+            name: format!("kt0a0000{i:02x}"),
+            family: Family::V4,
+            local: "10.0.0.1".parse().unwrap(),
+            remote: IpAddr::from([10, 0, 0, i]),
+            encap: Encap::None,
+            ttl: 64,
+            pmtudisc: true,
+            mtu: 1480,
+        };
+        apply(
+            &mut k,
+            &(2..5).map(|i| Op::CreateTunnel(t(i))).collect::<Vec<_>>(),
+        );
+        rtnl_request(rtnl::link_create(&t(9), GROUP + 1));
+        k.delete_link_group(GROUP).unwrap();
+        let names: Vec<String> = k.links().unwrap().into_iter().map(|l| l.name).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !["kt0a000002", "kt0a000003", "kt0a000004"].contains(&n.as_str())),
+            "{names:?}"
+        );
+        assert!(names.contains(&"kt0a000009".to_string()), "{names:?}");
+        k.delete_link_group(GROUP).unwrap();
+    });
+}

@@ -23,9 +23,9 @@ use std::collections::HashMap;
 use super::fou::{fou_add, fou_del, fou_dump, parse_fou_port, FOU_GENL_NAME};
 use super::genl::Genl;
 use super::rtnl::{
-    addr_dump, link_change, link_create, link_delete, link_dump, link_set_up, parse_addr,
-    parse_link, parse_route, parse_rule, route_delete, route_dump, route_replace, rule_add,
-    rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE,
+    addr_dump, link_change, link_create, link_delete, link_delete_group, link_dump, link_set_up,
+    parse_addr, parse_link, parse_route, parse_rule, route_delete, route_dump, route_replace,
+    rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE,
 };
 use super::socket::{NetlinkError, NlSocket, Request, NETLINK_ROUTE};
 use crate::apply::{Kernel, KernelError};
@@ -166,6 +166,20 @@ impl NetlinkKernel {
             }
         }
         Ok(out)
+    }
+
+    /// Deletes every link of `group` in one request (see [`link_delete_group`]); an empty group
+    /// is success. Meant for `kr-tunneld cleanup`, with the group of [`Ownership::link_group`].
+    pub fn delete_link_group(&mut self, group: u32) -> Result<(), KernelError> {
+        match self.route.request(&link_delete_group(group)) {
+            Ok(_) => {
+                self.index_stale = true;
+                log::info!("delete link group {group}");
+                Ok(())
+            }
+            Err(e) if e.errno() == libc::ENODEV => Ok(()),
+            Err(e) => Err(kerr(format!("delete link group {group}"), &e)),
+        }
     }
 
     /// Sends the queued requests as one batch and records each outcome.

@@ -280,6 +280,17 @@ pub fn link_delete(index: u32) -> Request {
     Request::new(RTM_DELLINK, 0, &delete_msg(index))
 }
 
+/// Deletes every link of link group `group` with one request (`RTM_DELLINK` with only
+/// `IFLA_GROUP`), for `kr-tunneld cleanup`: SPEC T-4 measured 0.9 s for 1,000 tunnels against 16 s
+/// one at a time. It removes *every* link in the group, whatever its kind or name. The kernel
+/// deletes all or nothing: EOPNOTSUPP if one of them cannot be deleted (a physical device),
+/// ENODEV if the group is empty, EPERM for group 0.
+pub fn link_delete_group(group: u32) -> Request {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::Group(group));
+    Request::new(RTM_DELLINK, 0, &m)
+}
+
 /// Dumps all links. Statistics are not requested (`RTEXT_FILTER_SKIP_STATS`), which keeps a
 /// dump of thousands of tunnels small.
 pub fn link_dump() -> Request {
