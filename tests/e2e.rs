@@ -622,3 +622,63 @@ mod lifecycle_tests {
         });
     }
 }
+
+#[cfg(test)]
+mod demo {
+    use super::*;
+
+    fn show(title: &str, out: std::process::Output) {
+        println!("\n### {title}\n{}", String::from_utf8_lossy(&out.stdout).trim_end());
+    }
+
+    /// The README's first command (tests/demo.sh): three nodes, the real daemon on each, pods
+    /// pinging across tunnels, then a live switch to GUE under a 10 ms ping. It asserts what it
+    /// shows, so it is also a test.
+    #[test]
+    #[ignore = "needs root and ipip/ip6_tunnel/fou: run by tests/demo.sh or tests/run-kernel-tests.sh"]
+    fn three_nodes_pods_ping_across_tunnels() {
+        rig::in_new_netns(|| {
+            let mut c = Cluster::new("d");
+            println!("## kr-tunneld demo: nodes a, b (192.168.1.0/24) and c (192.168.2.0/24), fake API at {}", c.api.addr);
+            for n in ["a", "b", "c"] {
+                c.start(n, &[]);
+            }
+            wait_tunnels(&c, &[("a", 2), ("b", 2), ("c", 4)]);
+            let bin = rig::kr_tunneld_bin();
+            let state = c.dir.join("state-a");
+            show(
+                "kr-tunneld status on node a (subnet mode: b is routed directly, c through tunnels)",
+                c.exec("a", &format!("{} status --state-dir {}", bin.display(), state.display())),
+            );
+            show("ip -d link show type ipip (node a)", c.exec("a", "ip -d link show type ipip | grep -A2 ' kt'"));
+            show("ip route (node a, proto 157 = kr-tunneld)", c.exec("a", "ip route show proto 157; ip -6 route show proto 157; ip route show table 77"));
+            show("ip rule (node a)", c.exec("a", "ip rule show; ip -6 rule show"));
+            println!("\n### pod-to-pod pings");
+            for (a, b) in [("a", "b"), ("a", "c"), ("b", "c")] {
+                for v6 in [false, true] {
+                    let ok = c.ping(a, b, v6, 3);
+                    println!("pod {a} -> pod {b} ({}): {}", if v6 { "IPv6" } else { "IPv4" }, if ok { "3/3 replies" } else { "FAILED" });
+                    assert!(ok, "{}", c.logs());
+                }
+            }
+            println!("\n### live switch to GUE (fou), node by node, while pod a pings pod c every 10 ms");
+            let p = Pinger::start(&c, "a", "c", false);
+            std::thread::sleep(Duration::from_millis(300));
+            for n in ["a", "b", "c"] {
+                switch(&mut c, n, &["--overlay-encap=fou"], "gue", 5555, if n == "c" { 4 } else { 2 });
+                println!("node {n} now sends GUE to port 5555");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let (answered, lost) = p.finish();
+            println!("pings answered: {answered}, lost: {}", lost.len());
+            assert!(lost.is_empty(), "{lost:?}");
+            show("ip -d link show type ipip (node a, after the switch)", c.exec("a", "ip -d link show type ipip | grep -A2 ' kt'"));
+            show("ip fou show (node a)", c.exec("a", "ip fou show"));
+            let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
+            println!("\n### node a's log, summary lines");
+            for l in log.lines().filter(|l| l.contains("reconciled:") || l.contains("node name")) {
+                println!("{l}");
+            }
+        });
+    }
+}
