@@ -15,37 +15,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-/// Every option of the daemon and its variable (SPEC O-1).
-const OPTIONS: &[&str] = &[
-    "kubeconfig",
-    "master",
-    "token-file",
-    "ca-file",
-    "hostname-override",
-    "enable-overlay",
-    "overlay-type",
-    "overlay-encap",
-    "overlay-encap-port",
-    "enable-ipv4",
-    "enable-ipv6",
-    "tunnel-ttl",
-    "tunnel-mtu",
-    "route-protocol",
-    "route-table",
-    "overlay-rule-priority",
-    "link-group",
-    "link-prefix",
-    "resync-period",
-    "enable-dsr",
-    "service-external-ip-range",
-    "loadbalancer-ip-range",
-    "dsr-table",
-    "dsr-rule-priority",
-    "metrics-addr",
-    "metrics-file",
-    "log-level",
-    "dry-run",
-];
+/// Every option of the daemon (SPEC O-1), straight from the flag table that drives parsing and
+/// `--help`, so the env file and man page cannot drift from the binary.
+fn options() -> Vec<&'static str> {
+    kr_tunneld::cli::FLAGS.iter().map(|f| f.name).collect()
+}
 
 fn var_name(flag: &str) -> String {
     format!("KR_TUNNELD_{}", flag.to_uppercase().replace('-', "_"))
@@ -176,7 +150,7 @@ fn env_file_lists_every_option_commented() {
             "active setting in env file: {line:?}"
         );
     }
-    for flag in OPTIONS {
+    for flag in options() {
         let var = var_name(flag);
         let n = env
             .lines()
@@ -192,7 +166,7 @@ fn env_file_lists_every_option_commented() {
     for line in env.lines().filter(|l| l.starts_with("#KR_TUNNELD_")) {
         let var = line[1..].split('=').next().unwrap();
         assert!(
-            OPTIONS.iter().any(|f| var_name(f) == var),
+            options().iter().any(|f| var_name(f) == var),
             "unknown variable {var}"
         );
     }
@@ -201,7 +175,7 @@ fn env_file_lists_every_option_commented() {
 #[test]
 fn man_page_documents_every_option() {
     let man = read("packaging/kr-tunneld.8");
-    for flag in OPTIONS {
+    for flag in options() {
         let roff_flag = format!("\\-\\-{}", flag.replace('-', "\\-"));
         assert!(man.contains(&roff_flag), "man page lacks {roff_flag}");
         assert!(
