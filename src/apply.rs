@@ -23,7 +23,10 @@ pub struct KernelError {
 impl KernelError {
     /// Transient failures are worth retrying soon; the rest wait for the next resync.
     pub fn is_transient(&self) -> bool {
-        matches!(self.errno, libc::ENOBUFS | libc::EBUSY | libc::EAGAIN | libc::EINTR)
+        matches!(
+            self.errno,
+            libc::ENOBUFS | libc::EBUSY | libc::EAGAIN | libc::EINTR
+        )
     }
 }
 
@@ -31,7 +34,12 @@ impl fmt::Display for KernelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.op)?;
         if self.errno != 0 {
-            write!(f, "{} (os error {})", std::io::Error::from_raw_os_error(self.errno), self.errno)?;
+            write!(
+                f,
+                "{} (os error {})",
+                std::io::Error::from_raw_os_error(self.errno),
+                self.errno
+            )?;
             if !self.msg.is_empty() {
                 write!(f, ": {}", self.msg)?;
             }
@@ -73,11 +81,19 @@ impl FakeKernel {
     /// A fake kernel that already holds `state`.
     pub fn with(state: Actual) -> FakeKernel {
         let next = state.links.iter().map(|l| l.index).max().unwrap_or(0) + 1;
-        FakeKernel { state, next_index: next.max(100), ..FakeKernel::default() }
+        FakeKernel {
+            state,
+            next_index: next.max(100),
+            ..FakeKernel::default()
+        }
     }
 
     fn apply_one(&mut self, own: &Ownership, op: &Op) -> Result<(), KernelError> {
-        let err = |errno: i32| KernelError { op: op.to_string(), errno, msg: String::new() };
+        let err = |errno: i32| KernelError {
+            op: op.to_string(),
+            errno,
+            msg: String::new(),
+        };
         if let Some(p) = &self.fail_prefix {
             if op.to_string().starts_with(p.as_str()) {
                 return Err(err(libc::EPERM));
@@ -86,14 +102,18 @@ impl FakeKernel {
         let s = &mut self.state;
         match op {
             Op::AddFouPort(p) => {
-                if s.fou.iter().any(|q| q.family == p.family && q.port == p.port) {
+                if s.fou
+                    .iter()
+                    .any(|q| q.family == p.family && q.port == p.port)
+                {
                     return Err(err(libc::EEXIST));
                 }
                 s.fou.push(*p);
             }
             Op::DelFouPort(p) => {
                 let before = s.fou.len();
-                s.fou.retain(|q| !(q.family == p.family && q.port == p.port));
+                s.fou
+                    .retain(|q| !(q.family == p.family && q.port == p.port));
                 if s.fou.len() == before {
                     return Err(err(libc::ENOENT));
                 }
@@ -115,12 +135,20 @@ impl FakeKernel {
                 });
             }
             Op::ChangeTunnel { index, want } => {
-                let l = s.links.iter_mut().find(|l| l.index == *index).ok_or_else(|| err(libc::ENODEV))?;
+                let l = s
+                    .links
+                    .iter_mut()
+                    .find(|l| l.index == *index)
+                    .ok_or_else(|| err(libc::ENODEV))?;
                 l.mtu = want.mtu;
                 l.tunnel = Some(want.clone());
             }
             Op::SetUp { index, .. } => {
-                let l = s.links.iter_mut().find(|l| l.index == *index).ok_or_else(|| err(libc::ENODEV))?;
+                let l = s
+                    .links
+                    .iter_mut()
+                    .find(|l| l.index == *index)
+                    .ok_or_else(|| err(libc::ENODEV))?;
                 l.up = true;
             }
             Op::DeleteTunnel { index, .. } => {
@@ -155,7 +183,11 @@ impl FakeKernel {
             }
             Op::DeleteRule(r) => {
                 // The kernel deletes the first matching rule only.
-                let i = s.rules.iter().position(|x| x == r).ok_or_else(|| err(libc::ENOENT))?;
+                let i = s
+                    .rules
+                    .iter()
+                    .position(|x| x == r)
+                    .ok_or_else(|| err(libc::ENOENT))?;
                 s.rules.remove(i);
             }
         }

@@ -52,37 +52,254 @@ macro_rules! flag {
 
 /// Every flag kr-tunneld knows, in `--help` order.
 pub const FLAGS: &[Flag] = &[
-    flag!("kubeconfig", Value, "PATH", "", "Kubernetes", "kubeconfig file (current-context is used)"),
-    flag!("master", Value, "URL", "", "Kubernetes", "API server URL; overrides the kubeconfig's server"),
-    flag!("token-file", Value, "PATH", "", "Kubernetes", "bearer token file, re-read when it changes"),
-    flag!("ca-file", Value, "PATH", "", "Kubernetes", "CA bundle that signs the API server certificate"),
-    flag!("hostname-override", Value, "NAME", "", "Kubernetes", "this node's name (else NODE_NAME, else the host name)"),
-    flag!("enable-overlay", Bool, "BOOL", "true", "Overlay", "tunnel pod traffic to peers (else direct routes in the local subnet only)"),
-    flag!("overlay-type", Value, "subnet|full", "subnet", "Overlay", "subnet: tunnel only to peers outside the local subnets; full: tunnel to all peers"),
-    flag!("overlay-encap", Value, "ipip|fou", "ipip", "Overlay", "transmit encapsulation; fou = GUE over UDP (every node always receives both)"),
-    flag!("overlay-encap-port", Value, "PORT", "5555", "Overlay", "GUE destination port and FOU receive port (1024-65535)"),
-    flag!("overlay-encap-rx-ports", List, "PORT,..", "", "Overlay", "extra FOU receive ports, for a zero-drop change of --overlay-encap-port"),
-    flag!("enable-ipv4", Bool, "BOOL", "true", "Overlay", "manage IPv4 tunnels and routes"),
-    flag!("enable-ipv6", Bool, "BOOL", "false", "Overlay", "manage IPv6 tunnels and routes"),
-    flag!("tunnel-ttl", Value, "1-255", "64", "Overlay", "outer TTL / hop limit of tunnel packets"),
-    flag!("tunnel-mtu", Value, "MTU", "0", "Overlay", "tunnel MTU; 0 = underlay device MTU minus encapsulation overhead"),
-    flag!("link-prefix", Value, "PREFIX", "kt", "Overlay", "name prefix of tunnel links (1-4 characters, [a-z0-9_-])"),
-    flag!("link-group", Value, "N", "19284", "Overlay", "link group (IFLA_GROUP) marking our tunnels, 1-4294967295"),
-    flag!("route-protocol", Value, "N", "157", "Overlay", "route/rule protocol number marking our routes and rules (1-255, not 17)"),
-    flag!("overlay-table", Value, "N", "77", "Overlay", "table holding peer-IP routes through tunnels"),
-    flag!("overlay-rule-priority", Value, "N", "32001", "Overlay", "priority of the 'from <pod CIDR> lookup <table>' rules"),
-    flag!("resync-period", Value, "DURATION", "5m", "Overlay", "full reconcile interval (e.g. 30s, 5m, 1h)"),
-    flag!("state-dir", Value, "PATH", "/run/kr-tunneld", "Overlay", "runtime state (FOU ports opened, last status)"),
-    flag!("enable-dsr", Bool, "BOOL", "false", "DSR", "program IPVS tunnel-mode DSR for annotated Services"),
-    flag!("service-external-ip-range", List, "CIDR,..", "", "DSR", "accepted Service externalIPs (repeatable)"),
-    flag!("loadbalancer-ip-range", List, "CIDR,..", "", "DSR", "accepted LoadBalancer ingress IPs (repeatable)"),
-    flag!("dsr-table", Value, "N", "78", "DSR", "table with 'local default dev lo' for DSR VIPs"),
-    flag!("dsr-rule-priority", Value, "N", "32000", "DSR", "priority of the 'to <VIP> ipproto P dport N' rules"),
-    flag!("metrics-addr", Value, "ADDR:PORT", "", "Service", "serve Prometheus metrics here (empty = off)"),
-    flag!("metrics-file", Value, "PATH", "", "Service", "also write metrics to this file (node_exporter textfile)"),
-    flag!("dry-run", Bool, "BOOL", "false", "Service", "print the plan instead of applying it"),
-    flag!("once", Bool, "BOOL", "false", "Service", "converge once and exit (non-zero if anything failed)"),
-    flag!("log-level", Value, "LEVEL", "", "Logging", "error, warn, info, debug or trace (default info, or RUST_LOG)"),
+    flag!(
+        "kubeconfig",
+        Value,
+        "PATH",
+        "",
+        "Kubernetes",
+        "kubeconfig file (current-context is used)"
+    ),
+    flag!(
+        "master",
+        Value,
+        "URL",
+        "",
+        "Kubernetes",
+        "API server URL; overrides the kubeconfig's server"
+    ),
+    flag!(
+        "token-file",
+        Value,
+        "PATH",
+        "",
+        "Kubernetes",
+        "bearer token file, re-read when it changes"
+    ),
+    flag!(
+        "ca-file",
+        Value,
+        "PATH",
+        "",
+        "Kubernetes",
+        "CA bundle that signs the API server certificate"
+    ),
+    flag!(
+        "hostname-override",
+        Value,
+        "NAME",
+        "",
+        "Kubernetes",
+        "this node's name (else NODE_NAME, else the host name)"
+    ),
+    flag!(
+        "enable-overlay",
+        Bool,
+        "BOOL",
+        "true",
+        "Overlay",
+        "tunnel pod traffic to peers (else direct routes in the local subnet only)"
+    ),
+    flag!(
+        "overlay-type",
+        Value,
+        "subnet|full",
+        "subnet",
+        "Overlay",
+        "subnet: tunnel only to peers outside the local subnets; full: tunnel to all peers"
+    ),
+    flag!(
+        "overlay-encap",
+        Value,
+        "ipip|fou",
+        "ipip",
+        "Overlay",
+        "transmit encapsulation; fou = GUE over UDP (every node always receives both)"
+    ),
+    flag!(
+        "overlay-encap-port",
+        Value,
+        "PORT",
+        "5555",
+        "Overlay",
+        "GUE destination port and FOU receive port (1024-65535)"
+    ),
+    flag!(
+        "overlay-encap-rx-ports",
+        List,
+        "PORT,..",
+        "",
+        "Overlay",
+        "extra FOU receive ports, for a zero-drop change of --overlay-encap-port"
+    ),
+    flag!(
+        "enable-ipv4",
+        Bool,
+        "BOOL",
+        "true",
+        "Overlay",
+        "manage IPv4 tunnels and routes"
+    ),
+    flag!(
+        "enable-ipv6",
+        Bool,
+        "BOOL",
+        "false",
+        "Overlay",
+        "manage IPv6 tunnels and routes"
+    ),
+    flag!(
+        "tunnel-ttl",
+        Value,
+        "1-255",
+        "64",
+        "Overlay",
+        "outer TTL / hop limit of tunnel packets"
+    ),
+    flag!(
+        "tunnel-mtu",
+        Value,
+        "MTU",
+        "0",
+        "Overlay",
+        "tunnel MTU; 0 = underlay device MTU minus encapsulation overhead"
+    ),
+    flag!(
+        "link-prefix",
+        Value,
+        "PREFIX",
+        "kt",
+        "Overlay",
+        "name prefix of tunnel links (1-4 characters, [a-z0-9_-])"
+    ),
+    flag!(
+        "link-group",
+        Value,
+        "N",
+        "19284",
+        "Overlay",
+        "link group (IFLA_GROUP) marking our tunnels, 1-4294967295"
+    ),
+    flag!(
+        "route-protocol",
+        Value,
+        "N",
+        "157",
+        "Overlay",
+        "route/rule protocol number marking our routes and rules (1-255, not 17)"
+    ),
+    flag!(
+        "overlay-table",
+        Value,
+        "N",
+        "77",
+        "Overlay",
+        "table holding peer-IP routes through tunnels"
+    ),
+    flag!(
+        "overlay-rule-priority",
+        Value,
+        "N",
+        "32001",
+        "Overlay",
+        "priority of the 'from <pod CIDR> lookup <table>' rules"
+    ),
+    flag!(
+        "resync-period",
+        Value,
+        "DURATION",
+        "5m",
+        "Overlay",
+        "full reconcile interval (e.g. 30s, 5m, 1h)"
+    ),
+    flag!(
+        "state-dir",
+        Value,
+        "PATH",
+        "/run/kr-tunneld",
+        "Overlay",
+        "runtime state (FOU ports opened, last status)"
+    ),
+    flag!(
+        "enable-dsr",
+        Bool,
+        "BOOL",
+        "false",
+        "DSR",
+        "program IPVS tunnel-mode DSR for annotated Services"
+    ),
+    flag!(
+        "service-external-ip-range",
+        List,
+        "CIDR,..",
+        "",
+        "DSR",
+        "accepted Service externalIPs (repeatable)"
+    ),
+    flag!(
+        "loadbalancer-ip-range",
+        List,
+        "CIDR,..",
+        "",
+        "DSR",
+        "accepted LoadBalancer ingress IPs (repeatable)"
+    ),
+    flag!(
+        "dsr-table",
+        Value,
+        "N",
+        "78",
+        "DSR",
+        "table with 'local default dev lo' for DSR VIPs"
+    ),
+    flag!(
+        "dsr-rule-priority",
+        Value,
+        "N",
+        "32000",
+        "DSR",
+        "priority of the 'to <VIP> ipproto P dport N' rules"
+    ),
+    flag!(
+        "metrics-addr",
+        Value,
+        "ADDR:PORT",
+        "",
+        "Service",
+        "serve Prometheus metrics here (empty = off)"
+    ),
+    flag!(
+        "metrics-file",
+        Value,
+        "PATH",
+        "",
+        "Service",
+        "also write metrics to this file (node_exporter textfile)"
+    ),
+    flag!(
+        "dry-run",
+        Bool,
+        "BOOL",
+        "false",
+        "Service",
+        "print the plan instead of applying it"
+    ),
+    flag!(
+        "once",
+        Bool,
+        "BOOL",
+        "false",
+        "Service",
+        "converge once and exit (non-zero if anything failed)"
+    ),
+    flag!(
+        "log-level",
+        Value,
+        "LEVEL",
+        "",
+        "Logging",
+        "error, warn, info, debug or trace (default info, or RUST_LOG)"
+    ),
 ];
 
 /// What to do.
@@ -202,13 +419,21 @@ where
                     "run" => Command::Run,
                     "cleanup" => Command::Cleanup,
                     "status" => Command::Status,
-                    _ => return Err(CliError(format!("unknown command '{v}' (run, cleanup or status)"))),
+                    _ => {
+                        return Err(CliError(format!(
+                            "unknown command '{v}' (run, cleanup or status)"
+                        )))
+                    }
                 });
             }
             other => return Err(err(other.unexpected())),
         }
     }
-    Ok(Parsed::Args(Args { command: command.unwrap_or(Command::Run), values, sources }))
+    Ok(Parsed::Args(Args {
+        command: command.unwrap_or(Command::Run),
+        values,
+        sources,
+    }))
 }
 
 /// The version line: crate version and the git commit it was built from.
@@ -274,7 +499,12 @@ mod tests {
 
     #[test]
     fn flag_forms() {
-        let a = args(&["--overlay-encap", "fou", "--overlay-type=full", "--enable-overlay=false"]);
+        let a = args(&[
+            "--overlay-encap",
+            "fou",
+            "--overlay-type=full",
+            "--enable-overlay=false",
+        ]);
         assert_eq!(a.get("overlay-encap").0, "fou");
         assert_eq!(a.get("overlay-type").0, "full");
         assert_eq!(a.get("enable-overlay").0, "false");
@@ -286,32 +516,46 @@ mod tests {
         for f in FLAGS {
             let var = env_name(f.name);
             let env = |k: &str| (k == var).then(|| "from-env".to_string());
-            let Parsed::Args(a) = parse(Vec::<&str>::new(), &env).unwrap() else { panic!() };
+            let Parsed::Args(a) = parse(Vec::<&str>::new(), &env).unwrap() else {
+                panic!()
+            };
             assert_eq!(a.get(f.name), ("from-env", var.as_str()), "{}", f.name);
             let cli = match f.kind {
                 Kind::Bool => vec![format!("--{}=from-cli", f.name)],
                 _ => vec![format!("--{}", f.name), "from-cli".to_string()],
             };
-            let Parsed::Args(a) = parse(cli, &env).unwrap() else { panic!() };
+            let Parsed::Args(a) = parse(cli, &env).unwrap() else {
+                panic!()
+            };
             assert_eq!(a.get(f.name).0, "from-cli", "{}", f.name);
         }
     }
 
     #[test]
     fn lists_repeat_and_join() {
-        let a = args(&["--service-external-ip-range", "10.0.0.0/8", "--service-external-ip-range=fd00::/8"]);
+        let a = args(&[
+            "--service-external-ip-range",
+            "10.0.0.0/8",
+            "--service-external-ip-range=fd00::/8",
+        ]);
         assert_eq!(a.get("service-external-ip-range").0, "10.0.0.0/8,fd00::/8");
     }
 
     #[test]
     fn commands_help_version_and_errors() {
         assert_eq!(args(&["cleanup"]).command, Command::Cleanup);
-        assert_eq!(args(&["status", "--kubeconfig", "k"]).command, Command::Status);
+        assert_eq!(
+            args(&["status", "--kubeconfig", "k"]).command,
+            Command::Status
+        );
         assert_eq!(parse(["--help"], &no_env), Ok(Parsed::Help));
         assert_eq!(parse(["-V"], &no_env), Ok(Parsed::Version));
         let e = parse(["--overlay-encapp", "fou"], &no_env).unwrap_err();
         assert_eq!(e.0, "unknown option --overlay-encapp");
-        assert!(parse(["frobnicate"], &no_env).unwrap_err().0.contains("frobnicate"));
+        assert!(parse(["frobnicate"], &no_env)
+            .unwrap_err()
+            .0
+            .contains("frobnicate"));
         assert!(parse(["--overlay-encap"], &no_env).is_err());
     }
 

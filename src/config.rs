@@ -122,7 +122,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid value '{}' for {}: {}", self.value, self.source, self.why)
+        write!(
+            f,
+            "invalid value '{}' for {}: {}",
+            self.value, self.source, self.why
+        )
     }
 }
 
@@ -139,13 +143,17 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         return None;
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return None;
         }
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let d = match &rest[..unit] {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
@@ -174,7 +182,11 @@ struct V<'a> {
 impl V<'_> {
     fn bad(&self, name: &str, why: impl Into<String>) -> ConfigError {
         let (value, source) = self.args.get(name);
-        ConfigError { source: source.to_string(), value: value.to_string(), why: why.into() }
+        ConfigError {
+            source: source.to_string(),
+            value: value.to_string(),
+            why: why.into(),
+        }
     }
 
     fn opt(&self, name: &str) -> Option<String> {
@@ -228,20 +240,31 @@ impl Config {
         };
         let port = v.num::<u16>("overlay-encap-port", 1024, 65535)?;
         let mut extra_rx_ports = Vec::new();
-        for p in v.args.get("overlay-encap-rx-ports").0.split(',').map(str::trim) {
+        for p in v
+            .args
+            .get("overlay-encap-rx-ports")
+            .0
+            .split(',')
+            .map(str::trim)
+        {
             if p.is_empty() {
                 continue;
             }
             match p.parse::<u16>() {
                 Ok(n) if n >= 1024 => extra_rx_ports.push(n),
                 _ => {
-                    return Err(v.bad("overlay-encap-rx-ports", format!("'{p}' is not a port from 1024 to 65535")))
+                    return Err(v.bad(
+                        "overlay-encap-rx-ports",
+                        format!("'{p}' is not a port from 1024 to 65535"),
+                    ))
                 }
             }
         }
         let prefix = v.args.get("link-prefix").0.to_string();
         let prefix_ok = (1..=4).contains(&prefix.len())
-            && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if !prefix_ok {
             return Err(v.bad("link-prefix", "expected 1 to 4 characters from [a-z0-9_-]"));
         }
@@ -255,15 +278,24 @@ impl Config {
         let ipv4 = v.bool("enable-ipv4")?;
         let ipv6 = v.bool("enable-ipv6")?;
         if !ipv4 && !ipv6 {
-            return Err(v.bad("enable-ipv4", "at least one of --enable-ipv4 and --enable-ipv6 must be true"));
+            return Err(v.bad(
+                "enable-ipv4",
+                "at least one of --enable-ipv4 and --enable-ipv6 must be true",
+            ));
         }
         let table = v.num::<u32>("overlay-table", 1, u32::MAX)?;
         if matches!(table, 253..=255) {
-            return Err(v.bad("overlay-table", "253-255 are the default, main and local tables"));
+            return Err(v.bad(
+                "overlay-table",
+                "253-255 are the default, main and local tables",
+            ));
         }
         let dsr_table = v.num::<u32>("dsr-table", 1, u32::MAX)?;
         if matches!(dsr_table, 253..=255) || dsr_table == table {
-            return Err(v.bad("dsr-table", "must differ from --overlay-table and from 253-255"));
+            return Err(v.bad(
+                "dsr-table",
+                "must differ from --overlay-table and from 253-255",
+            ));
         }
         let overlay = Overlay {
             enabled: v.bool("enable-overlay")?,
@@ -300,19 +332,32 @@ impl Config {
             rule_priority: v.num::<u32>("dsr-rule-priority", 1, 32765)?,
         };
         if dsr.rule_priority == overlay.rule_priority {
-            return Err(v.bad("dsr-rule-priority", "must differ from --overlay-rule-priority"));
+            return Err(v.bad(
+                "dsr-rule-priority",
+                "must differ from --overlay-rule-priority",
+            ));
         }
         let resync = parse_duration(v.args.get("resync-period").0)
             .filter(|d| *d >= Duration::from_secs(1))
-            .ok_or_else(|| v.bad("resync-period", "expected a duration of at least 1s, e.g. 30s, 5m, 1h"))?;
+            .ok_or_else(|| {
+                v.bad(
+                    "resync-period",
+                    "expected a duration of at least 1s, e.g. 30s, 5m, 1h",
+                )
+            })?;
         let metrics_addr = match v.opt("metrics-addr") {
             None => None,
-            Some(s) => Some(s.parse().map_err(|_| v.bad("metrics-addr", "expected ADDRESS:PORT, e.g. 127.0.0.1:9477"))?),
+            Some(s) => Some(s.parse().map_err(|_| {
+                v.bad("metrics-addr", "expected ADDRESS:PORT, e.g. 127.0.0.1:9477")
+            })?),
         };
         let log_level = match v.opt("log-level") {
             None => None,
             Some(s) => Some(s.parse::<log::LevelFilter>().map_err(|_| {
-                v.bad("log-level", "expected off, error, warn, info, debug or trace")
+                v.bad(
+                    "log-level",
+                    "expected off, error, warn, info, debug or trace",
+                )
             })?),
         };
         if let Some(m) = v.opt("master") {
@@ -346,7 +391,9 @@ mod tests {
     use crate::cli::{parse, Parsed};
 
     fn cfg(a: &[&str]) -> Result<Config, ConfigError> {
-        let Parsed::Args(args) = parse(a.iter().copied(), &|_| None).unwrap() else { panic!() };
+        let Parsed::Args(args) = parse(a.iter().copied(), &|_| None).unwrap() else {
+            panic!()
+        };
         Config::from_args(&args)
     }
 
@@ -366,19 +413,52 @@ mod tests {
     #[test]
     fn bad_values_name_the_flag_and_value() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--overlay-type", "mesh"], "invalid value 'mesh' for --overlay-type: expected subnet or full"),
-            (&["--overlay-encap", "gre"], "invalid value 'gre' for --overlay-encap: expected ipip or fou"),
-            (&["--overlay-encap-port", "80"], "invalid value '80' for --overlay-encap-port"),
-            (&["--overlay-encap-port", "70000"], "invalid value '70000' for --overlay-encap-port"),
-            (&["--enable-overlay=maybe"], "invalid value 'maybe' for --enable-overlay"),
-            (&["--route-protocol", "17"], "invalid value '17' for --route-protocol"),
-            (&["--link-prefix", "tunnel"], "invalid value 'tunnel' for --link-prefix"),
-            (&["--resync-period", "5x"], "invalid value '5x' for --resync-period"),
+            (
+                &["--overlay-type", "mesh"],
+                "invalid value 'mesh' for --overlay-type: expected subnet or full",
+            ),
+            (
+                &["--overlay-encap", "gre"],
+                "invalid value 'gre' for --overlay-encap: expected ipip or fou",
+            ),
+            (
+                &["--overlay-encap-port", "80"],
+                "invalid value '80' for --overlay-encap-port",
+            ),
+            (
+                &["--overlay-encap-port", "70000"],
+                "invalid value '70000' for --overlay-encap-port",
+            ),
+            (
+                &["--enable-overlay=maybe"],
+                "invalid value 'maybe' for --enable-overlay",
+            ),
+            (
+                &["--route-protocol", "17"],
+                "invalid value '17' for --route-protocol",
+            ),
+            (
+                &["--link-prefix", "tunnel"],
+                "invalid value 'tunnel' for --link-prefix",
+            ),
+            (
+                &["--resync-period", "5x"],
+                "invalid value '5x' for --resync-period",
+            ),
             (&["--tunnel-ttl", "0"], "invalid value '0' for --tunnel-ttl"),
-            (&["--service-external-ip-range", "10.0.0.0/33"], "'10.0.0.0/33' is not a CIDR"),
+            (
+                &["--service-external-ip-range", "10.0.0.0/33"],
+                "'10.0.0.0/33' is not a CIDR",
+            ),
             (&["--dsr-table", "77"], "invalid value '77' for --dsr-table"),
-            (&["--master", "10.0.0.1:6443"], "invalid value '10.0.0.1:6443' for --master"),
-            (&["--log-level", "loud"], "invalid value 'loud' for --log-level"),
+            (
+                &["--master", "10.0.0.1:6443"],
+                "invalid value '10.0.0.1:6443' for --master",
+            ),
+            (
+                &["--log-level", "loud"],
+                "invalid value 'loud' for --log-level",
+            ),
         ];
         for (a, want) in cases {
             let e = cfg(a).unwrap_err().to_string();
@@ -389,9 +469,14 @@ mod tests {
     #[test]
     fn errors_from_variables_name_the_variable() {
         let env = |k: &str| (k == "KR_TUNNELD_OVERLAY_ENCAP").then(|| "vxlan".to_string());
-        let Parsed::Args(args) = parse(Vec::<&str>::new(), &env).unwrap() else { panic!() };
+        let Parsed::Args(args) = parse(Vec::<&str>::new(), &env).unwrap() else {
+            panic!()
+        };
         let e = Config::from_args(&args).unwrap_err().to_string();
-        assert_eq!(e, "invalid value 'vxlan' for KR_TUNNELD_OVERLAY_ENCAP: expected ipip or fou");
+        assert_eq!(
+            e,
+            "invalid value 'vxlan' for KR_TUNNELD_OVERLAY_ENCAP: expected ipip or fou"
+        );
     }
 
     #[test]

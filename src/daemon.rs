@@ -37,7 +37,12 @@ pub enum Event {
 pub fn node_info(n: &Node) -> NodeInfo {
     NodeInfo {
         name: n.metadata.name.clone(),
-        addresses: n.status.addresses.iter().map(|a| (a.type_.clone(), a.address.clone())).collect(),
+        addresses: n
+            .status
+            .addresses
+            .iter()
+            .map(|a| (a.type_.clone(), a.address.clone()))
+            .collect(),
         annotations: n.metadata.annotations.clone(),
         pod_cidr: (!n.spec.pod_cidr.is_empty()).then(|| n.spec.pod_cidr.clone()),
         pod_cidrs: n.spec.pod_cidrs.clone(),
@@ -106,7 +111,10 @@ impl<K: Kernel> Daemon<K> {
     pub fn on_nodes(&mut self, u: Update<Node>) {
         match u {
             Update::Replace(all) => {
-                self.nodes = all.iter().map(|n| (n.metadata.name.clone(), node_info(n))).collect();
+                self.nodes = all
+                    .iter()
+                    .map(|n| (n.metadata.name.clone(), node_info(n)))
+                    .collect();
                 self.synced = true;
             }
             Update::Upsert(n) => {
@@ -140,9 +148,14 @@ impl<K: Kernel> Daemon<K> {
         let actual = self.kernel.read(&own)?;
         let nodes: Vec<NodeInfo> = self.nodes.values().cloned().collect();
         let mut diags = Vec::new();
-        let Some(desired) = nodes::desired(&self.local, &nodes, &actual, &self.cfg.overlay, &mut diags) else {
+        let Some(desired) =
+            nodes::desired(&self.local, &nodes, &actual, &self.cfg.overlay, &mut diags)
+        else {
             self.log_new(diags, Vec::new());
-            return Ok(Outcome { summary: "local node unknown; kernel left as it is".into(), ..Outcome::default() });
+            return Ok(Outcome {
+                summary: "local node unknown; kernel left as it is".into(),
+                ..Outcome::default()
+            });
         };
         let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
         let mut problems = plan.clashes.clone();
@@ -171,7 +184,8 @@ impl<K: Kernel> Daemon<K> {
         let elapsed = now.elapsed();
         self.peers = desired.peers.clone();
         let summary = summary(&desired, plan.ops.len(), errors, elapsed);
-        self.metrics.record(&desired, plan.ops.len(), errors, elapsed);
+        self.metrics
+            .record(&desired, plan.ops.len(), errors, elapsed);
         if !plan.ops.is_empty() {
             if errors > 0 {
                 log::warn!("{summary}");
@@ -181,7 +195,11 @@ impl<K: Kernel> Daemon<K> {
         } else {
             log::debug!("{summary}");
         }
-        Ok(Outcome { planned: plan.ops.len(), failed: errors, summary })
+        Ok(Outcome {
+            planned: plan.ops.len(),
+            failed: errors,
+            summary,
+        })
     }
 
     /// Remember the FOU ports we opened or closed, in memory and in the state directory, so a
@@ -219,7 +237,10 @@ impl<K: Kernel> Daemon<K> {
             for op in &plan.ops {
                 let _ = writeln!(self.out, "would {op}");
             }
-            return Ok(Outcome { planned: plan.ops.len(), ..Outcome::default() });
+            return Ok(Outcome {
+                planned: plan.ops.len(),
+                ..Outcome::default()
+            });
         }
         let failed = self.kernel.apply(&own, &plan.ops);
         let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
@@ -235,7 +256,11 @@ impl<K: Kernel> Daemon<K> {
         Ok(Outcome {
             planned: plan.ops.len(),
             failed: failed.len(),
-            summary: format!("cleanup: {} objects removed, {} failures", plan.ops.len() - failed.len(), failed.len()),
+            summary: format!(
+                "cleanup: {} objects removed, {} failures",
+                plan.ops.len() - failed.len(),
+                failed.len()
+            ),
         })
     }
 
@@ -283,14 +308,20 @@ pub fn summary(d: &Desired, ops: usize, failed: usize, took: Duration) -> String
 
 /// The peer table as text (SPEC O-6).
 pub fn peer_table(peers: &[nodes::Peer]) -> String {
-    let mut s = format!("{:<24} {:<6} {:<40} {:<7} {:<10} {}\n", "NODE", "FAMILY", "PEER IP", "MODE", "ENCAP", "TUNNEL");
+    let mut s = format!(
+        "{:<24} {:<6} {:<40} {:<7} {:<10} {}\n",
+        "NODE", "FAMILY", "PEER IP", "MODE", "ENCAP", "TUNNEL"
+    );
     for p in peers {
         let (mode, encap, tunnel) = match &p.mode {
             Mode::Tunnel { name, encap } => ("tunnel", encap.to_string(), name.clone()),
             Mode::Direct => ("direct", "-".into(), "-".into()),
             Mode::None => ("none", "-".into(), "-".into()),
         };
-        s.push_str(&format!("{:<24} {:<6} {:<40} {:<7} {:<10} {}\n", p.node, p.family, p.ip, mode, encap, tunnel));
+        s.push_str(&format!(
+            "{:<24} {:<6} {:<40} {:<7} {:<10} {}\n",
+            p.node, p.family, p.ip, mode, encap, tunnel
+        ));
     }
     s
 }
@@ -320,7 +351,10 @@ pub fn kernel_table(actual: &crate::model::Actual, own: &crate::model::Ownership
     }
     let routes = actual.routes.len();
     let rules = actual.rules.len();
-    s.push_str(&format!("owned routes: {routes}, owned rules: {rules}, fou ports: {}\n", actual.fou.len()));
+    s.push_str(&format!(
+        "owned routes: {routes}, owned rules: {rules}, fou ports: {}\n",
+        actual.fou.len()
+    ));
     s
 }
 
@@ -330,7 +364,9 @@ fn fou_state_path(dir: &Path) -> PathBuf {
 
 /// Read `ipv4 5555`-style lines; a missing or garbled file means "none recorded".
 fn read_fou_state(path: &Path) -> BTreeSet<FouPort> {
-    let Ok(text) = std::fs::read_to_string(path) else { return BTreeSet::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeSet::new();
+    };
     text.lines()
         .filter_map(|l| {
             let (fam, port) = l.split_once(' ')?;
@@ -339,13 +375,20 @@ fn read_fou_state(path: &Path) -> BTreeSet<FouPort> {
                 "ipv6" => Family::V6,
                 _ => return None,
             };
-            Some(FouPort { family, port: port.trim().parse().ok()?, gue: true })
+            Some(FouPort {
+                family,
+                port: port.trim().parse().ok()?,
+                gue: true,
+            })
         })
         .collect()
 }
 
 fn write_fou_state(path: &Path, ports: &BTreeSet<FouPort>) -> std::io::Result<()> {
-    let text: String = ports.iter().map(|p| format!("{} {}\n", p.family, p.port)).collect();
+    let text: String = ports
+        .iter()
+        .map(|p| format!("{} {}\n", p.family, p.port))
+        .collect();
     write_atomic(path, text.as_bytes())
 }
 
@@ -449,7 +492,11 @@ pub fn run_loop<K: Kernel>(
                 first = false;
                 next_resync = now + if outcome.failed > 0 { retry } else { resync };
                 if d.cfg.once {
-                    return if outcome.failed > 0 { Exit::Failed } else { Exit::Clean };
+                    return if outcome.failed > 0 {
+                        Exit::Failed
+                    } else {
+                        Exit::Clean
+                    };
                 }
             }
             Err(e) => {
@@ -472,7 +519,9 @@ mod tests {
     use std::sync::mpsc::channel;
 
     fn cfg(args: &[&str]) -> Config {
-        let crate::cli::Parsed::Args(a) = crate::cli::parse(args.iter().copied(), &|_| None).unwrap() else {
+        let crate::cli::Parsed::Args(a) =
+            crate::cli::parse(args.iter().copied(), &|_| None).unwrap()
+        else {
             panic!()
         };
         Config::from_args(&a).unwrap()
@@ -488,8 +537,19 @@ mod tests {
 
     fn host() -> Actual {
         Actual {
-            links: vec![Link { index: 2, name: "eth0".into(), kind: LinkKind::Other(String::new()), group: 0, mtu: 1500, up: true, tunnel: None }],
-            addrs: vec![Addr { index: 2, addr: "192.168.1.10/24".parse().unwrap() }],
+            links: vec![Link {
+                index: 2,
+                name: "eth0".into(),
+                kind: LinkKind::Other(String::new()),
+                group: 0,
+                mtu: 1500,
+                up: true,
+                tunnel: None,
+            }],
+            addrs: vec![Addr {
+                index: 2,
+                addr: "192.168.1.10/24".parse().unwrap(),
+            }],
             ..Actual::default()
         }
     }
@@ -515,21 +575,38 @@ mod tests {
     }
 
     fn daemon(args: &[&str]) -> Daemon<FakeKernel> {
-        let dir = std::env::temp_dir().join(format!("krt-daemon-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "krt-daemon-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         let mut c = cfg(args);
         c.state_dir = dir;
-        Daemon::new(c, "a".into(), FakeKernel::with(host()), Box::new(std::io::sink()))
+        Daemon::new(
+            c,
+            "a".into(),
+            FakeKernel::with(host()),
+            Box::new(std::io::sink()),
+        )
     }
 
     fn rand_suffix() -> u128 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
     }
 
     #[test]
     fn nothing_happens_before_the_first_list_and_ready_comes_after_it() {
         let mut d = daemon(&["--once"]);
         let (tx, rx) = channel();
-        tx.send(Event::Nodes(Update::Upsert(node("b", "172.16.0.2", "10.1.0.0/24")))).unwrap();
+        tx.send(Event::Nodes(Update::Upsert(node(
+            "b",
+            "172.16.0.2",
+            "10.1.0.0/24",
+        ))))
+        .unwrap();
         tx.send(Event::Nodes(Update::Replace(vec![
             node("a", "192.168.1.10", "10.0.0.0/24"),
             node("b", "172.16.0.2", "10.1.0.0/24"),
@@ -538,7 +615,11 @@ mod tests {
         let mut h = Recorder::default();
         assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Clean);
         assert_eq!(h.ready, 1);
-        assert!(h.outcomes[0].summary.contains("peers=1 tunnels=[ipip=1]"), "{}", h.outcomes[0].summary);
+        assert!(
+            h.outcomes[0].summary.contains("peers=1 tunnels=[ipip=1]"),
+            "{}",
+            h.outcomes[0].summary
+        );
         assert_eq!(d.kernel().state.links.len(), 3); // eth0, the tunnel to b, the receive tunnel
     }
 
@@ -555,7 +636,12 @@ mod tests {
         .unwrap();
         let mut h = Recorder::default();
         assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Failed);
-        assert!(d.kernel().state.links.iter().any(|l| l.name == "ktac100003"));
+        assert!(d
+            .kernel()
+            .state
+            .links
+            .iter()
+            .any(|l| l.name == "ktac100003"));
         assert!(h.outcomes[0].failed >= 1);
     }
 
@@ -579,7 +665,10 @@ mod tests {
     #[test]
     fn deleting_a_node_removes_its_tunnel_and_fou_ports_are_tracked() {
         let mut d = daemon(&[]);
-        d.on_nodes(Update::Replace(vec![node("a", "192.168.1.10", "10.0.0.0/24"), node("b", "172.16.0.2", "10.1.0.0/24")]));
+        d.on_nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ]));
         d.reconcile(Instant::now()).unwrap();
         assert_eq!(read_fou_state(&fou_state_path(&d.cfg.state_dir)).len(), 1);
         d.on_nodes(Update::Delete(node("b", "172.16.0.2", "10.1.0.0/24")));
@@ -596,7 +685,10 @@ mod tests {
     #[test]
     fn unknown_local_node_changes_nothing() {
         let mut d = daemon(&[]);
-        d.on_nodes(Update::Replace(vec![node("a", "192.168.1.10", "10.0.0.0/24"), node("b", "172.16.0.2", "10.1.0.0/24")]));
+        d.on_nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ]));
         d.reconcile(Instant::now()).unwrap();
         d.on_nodes(Update::Delete(node("a", "192.168.1.10", "10.0.0.0/24")));
         let o = d.reconcile(Instant::now()).unwrap();

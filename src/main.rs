@@ -159,18 +159,32 @@ fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    log::info!("kr-tunneld {} starting: node {local}, API {}", env!("CARGO_PKG_VERSION"), client.server());
-    let Some(kernel) = open_kernel() else { return ExitCode::FAILURE };
+    log::info!(
+        "kr-tunneld {} starting: node {local}, API {}",
+        env!("CARGO_PKG_VERSION"),
+        client.server()
+    );
+    let Some(kernel) = open_kernel() else {
+        return ExitCode::FAILURE;
+    };
 
     let (tx, rx) = channel();
     let stop = Stop::new();
     let stats = Arc::new(WatchStats::default());
-    let opts = WatchOptions { stats: stats.clone(), ..WatchOptions::default() };
+    let opts = WatchOptions {
+        stats: stats.clone(),
+        ..WatchOptions::default()
+    };
     let node_tx = tx.clone();
-    kube::spawn_watch::<Node>(client.clone(), opts, move |u| {
-        // The receiver only goes away when the main loop has ended.
-        let _ = node_tx.send(Event::Nodes(u));
-    }, stop.clone());
+    kube::spawn_watch::<Node>(
+        client.clone(),
+        opts,
+        move |u| {
+            // The receiver only goes away when the main loop has ended.
+            let _ = node_tx.send(Event::Nodes(u));
+        },
+        stop.clone(),
+    );
 
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -232,7 +246,9 @@ fn run(cfg: Config) -> ExitCode {
 }
 
 fn cleanup(cfg: Config) -> ExitCode {
-    let Some(kernel) = open_kernel() else { return ExitCode::FAILURE };
+    let Some(kernel) = open_kernel() else {
+        return ExitCode::FAILURE;
+    };
     let mut d = Daemon::new(cfg, String::new(), kernel, Box::new(std::io::stdout()));
     match d.cleanup() {
         Ok(o) => {
@@ -251,7 +267,9 @@ fn cleanup(cfg: Config) -> ExitCode {
 }
 
 fn status(cfg: Config) -> ExitCode {
-    let Some(mut kernel) = open_kernel() else { return ExitCode::FAILURE };
+    let Some(mut kernel) = open_kernel() else {
+        return ExitCode::FAILURE;
+    };
     let own = cfg.overlay.own.clone();
     let actual = match kernel.read(&own) {
         Ok(a) => a,
@@ -262,8 +280,14 @@ fn status(cfg: Config) -> ExitCode {
     };
     print!("{}", daemon::kernel_table(&actual, &own));
     match std::fs::read_to_string(cfg.state_dir.join("peers")) {
-        Ok(t) => print!("\nlast reconcile ({}):\n{t}", cfg.state_dir.join("peers").display()),
-        Err(_) => println!("\nno peer table in {} (daemon not running?)", cfg.state_dir.display()),
+        Ok(t) => print!(
+            "\nlast reconcile ({}):\n{t}",
+            cfg.state_dir.join("peers").display()
+        ),
+        Err(_) => println!(
+            "\nno peer table in {} (daemon not running?)",
+            cfg.state_dir.display()
+        ),
     }
     ExitCode::SUCCESS
 }

@@ -43,7 +43,12 @@ impl Metrics {
         self.failures += failed as u64;
         self.ops += ops as u64;
         self.last_duration = took;
-        self.peers = d.peers.iter().map(|p| p.node.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+        self.peers = d
+            .peers
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         self.tunnels.clear();
         self.direct = 0;
         for p in &d.peers {
@@ -54,7 +59,10 @@ impl Metrics {
                         Encap::Gue { .. } => "gue",
                         Encap::Other { .. } => "other",
                     };
-                    *self.tunnels.entry((p.family.to_string(), e.to_string())).or_default() += 1;
+                    *self
+                        .tunnels
+                        .entry((p.family.to_string(), e.to_string()))
+                        .or_default() += 1;
                 }
                 Mode::Direct => self.direct += 1,
                 Mode::None => {}
@@ -66,32 +74,78 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
-            s.push_str(&format!("# HELP kr_tunneld_{name} {help}\n# TYPE kr_tunneld_{name} {kind}\n"));
+            s.push_str(&format!(
+                "# HELP kr_tunneld_{name} {help}\n# TYPE kr_tunneld_{name} {kind}\n"
+            ));
             for l in lines {
                 s.push_str(&format!("kr_tunneld_{name}{l}\n"));
             }
         };
-        metric("peers", "gauge", "Peer nodes in the desired state.", vec![format!(" {}", self.peers)]);
+        metric(
+            "peers",
+            "gauge",
+            "Peer nodes in the desired state.",
+            vec![format!(" {}", self.peers)],
+        );
         let mut t = Vec::new();
         for fam in [Family::V4, Family::V6] {
             for enc in ["ipip", "gue"] {
-                let n = self.tunnels.get(&(fam.to_string(), enc.to_string())).copied().unwrap_or(0);
+                let n = self
+                    .tunnels
+                    .get(&(fam.to_string(), enc.to_string()))
+                    .copied()
+                    .unwrap_or(0);
                 t.push(format!("{{family=\"{fam}\",encap=\"{enc}\"}} {n}"));
             }
         }
-        metric("tunnels", "gauge", "Tunnels in the desired state by family and encapsulation.", t);
-        metric("direct_routes", "gauge", "Peers reached by direct routes.", vec![format!(" {}", self.direct)]);
-        metric("reconciles_total", "counter", "Reconciles run.", vec![format!(" {}", self.reconciles)]);
-        metric("reconcile_failures_total", "counter", "Failed kernel reads and failed operations.", vec![format!(" {}", self.failures)]);
-        metric("operations_total", "counter", "Kernel operations planned and applied.", vec![format!(" {}", self.ops)]);
+        metric(
+            "tunnels",
+            "gauge",
+            "Tunnels in the desired state by family and encapsulation.",
+            t,
+        );
+        metric(
+            "direct_routes",
+            "gauge",
+            "Peers reached by direct routes.",
+            vec![format!(" {}", self.direct)],
+        );
+        metric(
+            "reconciles_total",
+            "counter",
+            "Reconciles run.",
+            vec![format!(" {}", self.reconciles)],
+        );
+        metric(
+            "reconcile_failures_total",
+            "counter",
+            "Failed kernel reads and failed operations.",
+            vec![format!(" {}", self.failures)],
+        );
+        metric(
+            "operations_total",
+            "counter",
+            "Kernel operations planned and applied.",
+            vec![format!(" {}", self.ops)],
+        );
         metric(
             "reconcile_duration_seconds",
             "gauge",
             "Duration of the last reconcile.",
             vec![format!(" {:.6}", self.last_duration.as_secs_f64())],
         );
-        metric("watch_restarts_total", "counter", "Watch reconnects.", vec![format!(" {}", self.watch_restarts)]);
-        metric("relists_total", "counter", "Full relists (start, 410 Gone).", vec![format!(" {}", self.relists)]);
+        metric(
+            "watch_restarts_total",
+            "counter",
+            "Watch reconnects.",
+            vec![format!(" {}", self.watch_restarts)],
+        );
+        metric(
+            "relists_total",
+            "counter",
+            "Full relists (start, 410 Gone).",
+            vec![format!(" {}", self.relists)],
+        );
         s
     }
 }
@@ -132,9 +186,14 @@ mod tests {
         m.tunnels.insert(("ipv4".into(), "gue".into()), 3);
         m.reconciles = 2;
         let t = m.render();
-        assert!(t.contains("kr_tunneld_tunnels{family=\"ipv4\",encap=\"gue\"} 3\n"), "{t}");
+        assert!(
+            t.contains("kr_tunneld_tunnels{family=\"ipv4\",encap=\"gue\"} 3\n"),
+            "{t}"
+        );
         assert!(t.contains("kr_tunneld_tunnels{family=\"ipv6\",encap=\"ipip\"} 0\n"));
-        assert!(t.contains("# TYPE kr_tunneld_reconciles_total counter\nkr_tunneld_reconciles_total 2\n"));
+        assert!(t.contains(
+            "# TYPE kr_tunneld_reconciles_total counter\nkr_tunneld_reconciles_total 2\n"
+        ));
     }
 
     #[test]
@@ -148,6 +207,9 @@ mod tests {
         c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut s = String::new();
         c.read_to_string(&mut s).unwrap();
-        assert!(s.starts_with("HTTP/1.0 200 OK") && s.ends_with("kr_tunneld_peers 7\n"), "{s}");
+        assert!(
+            s.starts_with("HTTP/1.0 200 OK") && s.ends_with("kr_tunneld_peers 7\n"),
+            "{s}"
+        );
     }
 }

@@ -115,7 +115,10 @@ pub fn best_ip(addrs: &[(String, IpAddr)], family: Family) -> Option<IpAddr> {
         return Some(p);
     }
     let of = |ty: &str| {
-        addrs.iter().find(|(t, ip)| t == ty && Family::of(ip) == family).map(|(_, ip)| *ip)
+        addrs
+            .iter()
+            .find(|(t, ip)| t == ty && Family::of(ip) == family)
+            .map(|(_, ip)| *ip)
     };
     of("InternalIP").or_else(|| of("ExternalIP"))
 }
@@ -134,7 +137,12 @@ pub struct Parsed {
 /// Parse a node's addresses and pod CIDRs (SPEC N-2, N-3). Bad entries are skipped with a
 /// diagnostic; they never affect other nodes.
 pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
-    let mut warn = |msg: String| diags.push(Diag { node: n.name.clone(), msg });
+    let mut warn = |msg: String| {
+        diags.push(Diag {
+            node: n.name.clone(),
+            msg,
+        })
+    };
     let mut addrs = Vec::new();
     for (ty, a) in &n.addresses {
         if ty != "InternalIP" && ty != "ExternalIP" {
@@ -142,13 +150,18 @@ pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
         }
         match a.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => addrs.push((ty.clone(), ip)),
-            _ => warn(format!("ignoring {ty} '{}': not a usable IP address", short(a))),
+            _ => warn(format!(
+                "ignoring {ty} '{}': not a usable IP address",
+                short(a)
+            )),
         }
     }
     let (source, raw): (&str, Vec<String>) = if let Some(v) = n.annotations.get(ANN_POD_CIDRS) {
         (ANN_POD_CIDRS, split_annotation(v, &mut warn))
     } else if let Some(v) = n.annotations.get(ANN_POD_CIDR) {
-        warn(format!("annotation {ANN_POD_CIDR} is deprecated, use {ANN_POD_CIDRS}"));
+        warn(format!(
+            "annotation {ANN_POD_CIDR} is deprecated, use {ANN_POD_CIDRS}"
+        ));
         (ANN_POD_CIDR, split_annotation(v, &mut warn))
     } else if !n.pod_cidrs.is_empty() {
         ("spec.podCIDRs", n.pod_cidrs.clone())
@@ -159,14 +172,17 @@ pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
     for s in raw {
         match s.trim().parse::<IpNet>() {
             Ok(net) if net.trunc() != net => {
-                warn(format!("pod CIDR '{s}' from {source} has host bits set, using {}", net.trunc()));
+                warn(format!(
+                    "pod CIDR '{s}' from {source} has host bits set, using {}",
+                    net.trunc()
+                ));
                 if !cidrs.contains(&net.trunc()) {
                     cidrs.push(net.trunc());
                 }
             }
-            Ok(net) if net.prefix_len() == 0 => {
-                warn(format!("ignoring pod CIDR '{s}' from {source}: a default route is not a pod CIDR"))
-            }
+            Ok(net) if net.prefix_len() == 0 => warn(format!(
+                "ignoring pod CIDR '{s}' from {source}: a default route is not a pod CIDR"
+            )),
             Ok(net) => {
                 if cidrs.contains(&net) {
                     warn(format!("ignoring duplicate pod CIDR '{s}' from {source}"));
@@ -174,18 +190,32 @@ pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
                     cidrs.push(net);
                 }
             }
-            Err(_) => warn(format!("ignoring pod CIDR '{}' from {source}: not a CIDR", short(&s))),
+            Err(_) => warn(format!(
+                "ignoring pod CIDR '{}' from {source}: not a CIDR",
+                short(&s)
+            )),
         }
     }
-    Parsed { name: n.name.clone(), addrs, cidrs }
+    Parsed {
+        name: n.name.clone(),
+        addrs,
+        cidrs,
+    }
 }
 
 fn split_annotation(v: &str, warn: &mut impl FnMut(String)) -> Vec<String> {
     if v.len() > MAX_ANNOTATION {
-        warn(format!("ignoring pod CIDR annotation of {} bytes (limit {MAX_ANNOTATION})", v.len()));
+        warn(format!(
+            "ignoring pod CIDR annotation of {} bytes (limit {MAX_ANNOTATION})",
+            v.len()
+        ));
         return Vec::new();
     }
-    v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// At most 64 characters of untrusted text, for log lines.
@@ -264,7 +294,11 @@ fn local_subnets(actual: &Actual, family: Family, own_links: &BTreeSet<u32>) -> 
 /// MTU of the device holding `ip`, if any.
 fn underlay_mtu(actual: &Actual, ip: IpAddr) -> Option<u32> {
     let a = actual.addrs.iter().find(|a| a.addr.addr() == ip)?;
-    actual.links.iter().find(|l| l.index == a.index).map(|l| l.mtu)
+    actual
+        .links
+        .iter()
+        .find(|l| l.index == a.index)
+        .map(|l| l.mtu)
 }
 
 /// Compute the desired state. `local` is this node's name. Returns `None` (with a diagnostic)
@@ -287,8 +321,12 @@ pub fn desired(
         return None;
     };
     let me = parse_node(me, diags);
-    let own_links: BTreeSet<u32> =
-        actual.links.iter().filter(|l| cfg.own.owns_link(l)).map(|l| l.index).collect();
+    let own_links: BTreeSet<u32> = actual
+        .links
+        .iter()
+        .filter(|l| cfg.own.owns_link(l))
+        .map(|l| l.index)
+        .collect();
     let mut d = Desired::default();
     let families = [(Family::V4, cfg.ipv4), (Family::V6, cfg.ipv6)];
     let mut names: BTreeMap<String, String> = BTreeMap::new();
@@ -298,13 +336,19 @@ pub fn desired(
             continue;
         }
         let Some(my_ip) = best_ip(&me.addrs, family) else {
-            diags.push(Diag { node: me.name.clone(), msg: format!("no {family} address: no {family} tunnels or routes") });
+            diags.push(Diag {
+                node: me.name.clone(),
+                msg: format!("no {family} address: no {family} tunnels or routes"),
+            });
             continue;
         };
         let subnets = local_subnets(actual, family, &own_links);
         let encap = match cfg.encap {
             EncapMode::Ipip => Encap::None,
-            EncapMode::Fou => Encap::Gue { sport: 0, dport: cfg.port },
+            EncapMode::Fou => Encap::Gue {
+                sport: 0,
+                dport: cfg.port,
+            },
         };
         let underlay = if cfg.mtu != 0 {
             None
@@ -312,7 +356,9 @@ pub fn desired(
             Some(underlay_mtu(actual, my_ip).unwrap_or_else(|| {
                 diags.push(Diag {
                     node: me.name.clone(),
-                    msg: format!("{my_ip} is on no local interface; assuming an underlay MTU of 1500"),
+                    msg: format!(
+                        "{my_ip} is on no local interface; assuming an underlay MTU of 1500"
+                    ),
                 });
                 1500
             }))
@@ -347,7 +393,11 @@ pub fn desired(
                 mtu: mtu_for(&Encap::None),
             });
             for port in std::iter::once(cfg.port).chain(cfg.extra_rx_ports.iter().copied()) {
-                let p = FouPort { family, port, gue: true };
+                let p = FouPort {
+                    family,
+                    port,
+                    gue: true,
+                };
                 if !d.fou.contains(&p) {
                     d.fou.push(p);
                 }
@@ -378,7 +428,9 @@ pub fn desired(
                     if !fresh {
                         diags.push(Diag {
                             node: p.name.clone(),
-                            msg: format!("pod CIDR {c} is already used by another node; ignoring it here"),
+                            msg: format!(
+                                "pod CIDR {c} is already used by another node; ignoring it here"
+                            ),
                         });
                     }
                     fresh
@@ -387,16 +439,25 @@ pub fn desired(
                 .collect();
             if cidrs.is_empty() {
                 if !p.cidrs.iter().any(|c| Family::of_net(c) == family) {
-                    diags.push(Diag { node: p.name.clone(), msg: format!("no {family} pod CIDR: nothing to route") });
+                    diags.push(Diag {
+                        node: p.name.clone(),
+                        msg: format!("no {family} pod CIDR: nothing to route"),
+                    });
                 }
                 continue;
             }
             let Some(ip) = best_ip(&p.addrs, family) else {
-                diags.push(Diag { node: p.name.clone(), msg: format!("no {family} address: no {family} route to its pod CIDRs") });
+                diags.push(Diag {
+                    node: p.name.clone(),
+                    msg: format!("no {family} address: no {family} route to its pod CIDRs"),
+                });
                 continue;
             };
             if me.addrs.iter().any(|(_, a)| *a == ip) {
-                diags.push(Diag { node: p.name.clone(), msg: format!("has this node's address {ip}; skipped") });
+                diags.push(Diag {
+                    node: p.name.clone(),
+                    msg: format!("has this node's address {ip}; skipped"),
+                });
                 continue;
             }
             let same_subnet = subnets.iter().any(|s| s.contains(&ip));
@@ -458,7 +519,13 @@ pub fn desired(
             } else {
                 Mode::None
             };
-            d.peers.push(Peer { node: p.name.clone(), family, ip, cidrs, mode });
+            d.peers.push(Peer {
+                node: p.name.clone(),
+                family,
+                ip,
+                cidrs,
+                mode,
+            });
         }
     }
     d.tunnels.sort_by(|a, b| a.name.cmp(&b.name));
@@ -474,14 +541,19 @@ mod tests {
     fn node(name: &str, addrs: &[(&str, &str)], cidrs: &[&str]) -> NodeInfo {
         NodeInfo {
             name: name.into(),
-            addresses: addrs.iter().map(|(t, a)| (t.to_string(), a.to_string())).collect(),
+            addresses: addrs
+                .iter()
+                .map(|(t, a)| (t.to_string(), a.to_string()))
+                .collect(),
             pod_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             ..NodeInfo::default()
         }
     }
 
     fn overlay(args: &[&str]) -> Overlay {
-        let crate::cli::Parsed::Args(a) = crate::cli::parse(args.iter().copied(), &|_| None).unwrap() else {
+        let crate::cli::Parsed::Args(a) =
+            crate::cli::parse(args.iter().copied(), &|_| None).unwrap()
+        else {
             panic!()
         };
         Config::from_args(&a).unwrap().overlay
@@ -500,8 +572,14 @@ mod tests {
                 tunnel: None,
             }],
             addrs: vec![
-                Addr { index: 2, addr: "192.168.1.10/24".parse().unwrap() },
-                Addr { index: 2, addr: "fd00:1::10/64".parse().unwrap() },
+                Addr {
+                    index: 2,
+                    addr: "192.168.1.10/24".parse().unwrap(),
+                },
+                Addr {
+                    index: 2,
+                    addr: "fd00:1::10/64".parse().unwrap(),
+                },
             ],
             ..Actual::default()
         }
@@ -509,9 +587,21 @@ mod tests {
 
     fn cluster() -> Vec<NodeInfo> {
         vec![
-            node("a", &[("InternalIP", "192.168.1.10"), ("InternalIP", "fd00:1::10")], &["10.244.0.0/24", "fd10::/64"]),
-            node("b", &[("InternalIP", "192.168.1.11"), ("InternalIP", "fd00:1::11")], &["10.244.1.0/24", "fd10:0:0:1::/64"]),
-            node("c", &[("InternalIP", "192.168.2.12"), ("InternalIP", "fd00:2::12")], &["10.244.2.0/24", "fd10:0:0:2::/64"]),
+            node(
+                "a",
+                &[("InternalIP", "192.168.1.10"), ("InternalIP", "fd00:1::10")],
+                &["10.244.0.0/24", "fd10::/64"],
+            ),
+            node(
+                "b",
+                &[("InternalIP", "192.168.1.11"), ("InternalIP", "fd00:1::11")],
+                &["10.244.1.0/24", "fd10:0:0:1::/64"],
+            ),
+            node(
+                "c",
+                &[("InternalIP", "192.168.2.12"), ("InternalIP", "fd00:2::12")],
+                &["10.244.2.0/24", "fd10:0:0:2::/64"],
+            ),
         ]
     }
 
@@ -537,9 +627,17 @@ mod tests {
             (&["--overlay-type=subnet"], "direct", "tunnel"),
             (&["--overlay-type=full"], "tunnel", "tunnel"),
             (&["--enable-overlay=false"], "direct", "none"),
-            (&["--enable-overlay=false", "--overlay-type=full"], "direct", "none"),
+            (
+                &["--enable-overlay=false", "--overlay-type=full"],
+                "direct",
+                "none",
+            ),
             (&["--overlay-encap=fou"], "direct", "tunnel"),
-            (&["--overlay-encap=fou", "--overlay-type=full"], "tunnel", "tunnel"),
+            (
+                &["--overlay-encap=fou", "--overlay-type=full"],
+                "tunnel",
+                "tunnel",
+            ),
         ];
         for (flags, b, c) in cases {
             let mut args = flags.to_vec();
@@ -549,8 +647,14 @@ mod tests {
             let d = desired("a", &cluster(), &host(), &cfg, &mut diags).unwrap();
             for fam in [Family::V4, Family::V6] {
                 let m = modes(&d);
-                assert!(m.contains(&("b".into(), fam, b.to_string())), "{flags:?} {fam}: {m:?}");
-                assert!(m.contains(&("c".into(), fam, c.to_string())), "{flags:?} {fam}: {m:?}");
+                assert!(
+                    m.contains(&("b".into(), fam, b.to_string())),
+                    "{flags:?} {fam}: {m:?}"
+                );
+                assert!(
+                    m.contains(&("c".into(), fam, c.to_string())),
+                    "{flags:?} {fam}: {m:?}"
+                );
             }
             assert!(diags.is_empty(), "{diags:?}");
             // FOU ports are open whenever the overlay is on, whatever the encap (T-7).
@@ -567,28 +671,36 @@ mod tests {
         assert_eq!(
             d.tunnels,
             vec![
-            Tunnel {
-                name: "ktc0a8020c".into(),
-                family: Family::V4,
-                local: "192.168.1.10".parse().unwrap(),
-                remote: "192.168.2.12".parse().unwrap(),
-                encap: Encap::Gue { sport: 0, dport: 5555 },
-                ttl: 64,
-                pmtudisc: true,
-                mtu: 1500 - 32,
-            },
-            Tunnel {
-                name: "ktrx4".into(),
-                family: Family::V4,
-                local: "192.168.1.10".parse().unwrap(),
-                remote: "0.0.0.0".parse().unwrap(),
-                encap: Encap::None,
-                ttl: 64,
-                pmtudisc: true,
-                mtu: 1500 - 20,
-            }]
+                Tunnel {
+                    name: "ktc0a8020c".into(),
+                    family: Family::V4,
+                    local: "192.168.1.10".parse().unwrap(),
+                    remote: "192.168.2.12".parse().unwrap(),
+                    encap: Encap::Gue {
+                        sport: 0,
+                        dport: 5555
+                    },
+                    ttl: 64,
+                    pmtudisc: true,
+                    mtu: 1500 - 32,
+                },
+                Tunnel {
+                    name: "ktrx4".into(),
+                    family: Family::V4,
+                    local: "192.168.1.10".parse().unwrap(),
+                    remote: "0.0.0.0".parse().unwrap(),
+                    encap: Encap::None,
+                    ttl: 64,
+                    pmtudisc: true,
+                    mtu: 1500 - 20,
+                }
+            ]
         );
-        let shown: Vec<String> = d.routes.iter().map(|r| crate::model::RouteDisplay(r).to_string()).collect();
+        let shown: Vec<String> = d
+            .routes
+            .iter()
+            .map(|r| crate::model::RouteDisplay(r).to_string())
+            .collect();
         assert_eq!(
             shown,
             [
@@ -598,14 +710,20 @@ mod tests {
             ]
         );
         let rule = crate::model::RuleDisplay(&d.rules[0]).to_string();
-        assert_eq!(rule, "ipv4 pref 32001 from 10.244.0.0/24 lookup 77 proto 157");
+        assert_eq!(
+            rule,
+            "ipv4 pref 32001 from 10.244.0.0/24 lookup 77 proto 157"
+        );
     }
 
     #[test]
     fn names_are_lossless_for_ipv4_and_fit_for_ipv6() {
         assert_eq!(tunnel_name("kt", "10.0.0.5".parse().unwrap()), "kt0a000005");
         // kube-router's separator-stripping collisions cannot happen: 21.3.0.4 vs 2.13.0.4.
-        assert_ne!(tunnel_name("kt", "21.3.0.4".parse().unwrap()), tunnel_name("kt", "2.13.0.4".parse().unwrap()));
+        assert_ne!(
+            tunnel_name("kt", "21.3.0.4".parse().unwrap()),
+            tunnel_name("kt", "2.13.0.4".parse().unwrap())
+        );
         for prefix in ["k", "kt", "krt", "krtn"] {
             let n = tunnel_name(prefix, "2001:db8::1".parse().unwrap());
             assert_eq!(n.len(), 15, "{n}");
@@ -622,25 +740,55 @@ mod tests {
         // with two nodes that claim the same address (hence the same name): the second is
         // reported and skipped, never given the first one's tunnel.
         let mut nodes = cluster();
-        nodes.push(node("d", &[("InternalIP", "192.168.2.12")], &["10.244.3.0/24"]));
+        nodes.push(node(
+            "d",
+            &[("InternalIP", "192.168.2.12")],
+            &["10.244.3.0/24"],
+        ));
         let cfg = overlay(&[]);
         let mut diags = vec![];
         let d = desired("a", &nodes, &host(), &cfg, &mut diags).unwrap();
         assert_eq!(d.tunnels.len(), 2); // c's and the receive tunnel
-        assert!(diags.iter().any(|x| x.node == "d" && x.msg.contains("clashes with node c")), "{diags:?}");
+        assert!(
+            diags
+                .iter()
+                .any(|x| x.node == "d" && x.msg.contains("clashes with node c")),
+            "{diags:?}"
+        );
     }
 
     #[test]
     fn bad_nodes_are_skipped_with_one_warning_each() {
         let mut nodes = cluster();
         nodes.push(node("noaddr", &[], &["10.244.9.0/24"]));
-        nodes.push(node("garbage", &[("InternalIP", "not-an-ip")], &["banana", "10.244.10.0/24"]));
-        nodes.push(node("wrongfam", &[("InternalIP", "192.168.2.30")], &["fd99::/64"]));
-        nodes.push(node("thief", &[("InternalIP", "192.168.2.31")], &["10.244.0.0/24"]));
-        nodes.push(node("me-too", &[("InternalIP", "192.168.1.10")], &["10.244.11.0/24"]));
-        nodes.push(node("dup", &[("InternalIP", "192.168.2.32")], &["10.244.12.0/24", "10.244.12.0/24"]));
+        nodes.push(node(
+            "garbage",
+            &[("InternalIP", "not-an-ip")],
+            &["banana", "10.244.10.0/24"],
+        ));
+        nodes.push(node(
+            "wrongfam",
+            &[("InternalIP", "192.168.2.30")],
+            &["fd99::/64"],
+        ));
+        nodes.push(node(
+            "thief",
+            &[("InternalIP", "192.168.2.31")],
+            &["10.244.0.0/24"],
+        ));
+        nodes.push(node(
+            "me-too",
+            &[("InternalIP", "192.168.1.10")],
+            &["10.244.11.0/24"],
+        ));
+        nodes.push(node(
+            "dup",
+            &[("InternalIP", "192.168.2.32")],
+            &["10.244.12.0/24", "10.244.12.0/24"],
+        ));
         let mut huge = node("huge", &[("InternalIP", "192.168.2.33")], &[]);
-        huge.annotations.insert(ANN_POD_CIDRS.into(), "10.1.0.0/24,".repeat(1000));
+        huge.annotations
+            .insert(ANN_POD_CIDRS.into(), "10.1.0.0/24,".repeat(1000));
         nodes.push(huge);
         let cfg = overlay(&[]);
         let mut diags = vec![];
@@ -653,7 +801,7 @@ mod tests {
         assert_eq!(by("me-too"), 1);
         assert_eq!(by("dup"), 1);
         assert_eq!(by("huge"), 2); // annotation too long, then no pod CIDR
-        // The good peers are unaffected.
+                                   // The good peers are unaffected.
         assert!(modes(&d).contains(&("c".into(), Family::V4, "tunnel".into())));
         assert!(modes(&d).contains(&("dup".into(), Family::V4, "tunnel".into())));
         // No route for our own CIDR, nor for anything from the bad nodes.
@@ -671,24 +819,41 @@ mod tests {
         assert_eq!(get(&n), vec!["10.0.1.0/24".parse::<IpNet>().unwrap()]);
         n.pod_cidrs.clear();
         assert_eq!(get(&n), vec!["10.0.9.0/24".parse::<IpNet>().unwrap()]);
-        n.annotations.insert(ANN_POD_CIDR.into(), "10.0.5.0/24".into());
+        n.annotations
+            .insert(ANN_POD_CIDR.into(), "10.0.5.0/24".into());
         let mut diags = vec![];
-        assert_eq!(parse_node(&n, &mut diags).cidrs, vec!["10.0.5.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            parse_node(&n, &mut diags).cidrs,
+            vec!["10.0.5.0/24".parse::<IpNet>().unwrap()]
+        );
         assert!(diags[0].msg.contains("deprecated"));
-        n.annotations.insert(ANN_POD_CIDRS.into(), "10.0.6.0/24, fd00::/64".into());
+        n.annotations
+            .insert(ANN_POD_CIDRS.into(), "10.0.6.0/24, fd00::/64".into());
         assert_eq!(get(&n).len(), 2);
     }
 
     #[test]
     fn best_ip_rules() {
         let a = |v: &[(&str, &str)]| -> Vec<(String, IpAddr)> {
-            v.iter().map(|(t, ip)| (t.to_string(), ip.parse().unwrap())).collect()
+            v.iter()
+                .map(|(t, ip)| (t.to_string(), ip.parse().unwrap()))
+                .collect()
         };
-        let dual = a(&[("ExternalIP", "203.0.113.1"), ("InternalIP", "fd00::1"), ("InternalIP", "10.0.0.1")]);
+        let dual = a(&[
+            ("ExternalIP", "203.0.113.1"),
+            ("InternalIP", "fd00::1"),
+            ("InternalIP", "10.0.0.1"),
+        ]);
         assert_eq!(best_ip(&dual, Family::V6), Some("fd00::1".parse().unwrap())); // primary
-        assert_eq!(best_ip(&dual, Family::V4), Some("10.0.0.1".parse().unwrap())); // first internal v4
+        assert_eq!(
+            best_ip(&dual, Family::V4),
+            Some("10.0.0.1".parse().unwrap())
+        ); // first internal v4
         let ext = a(&[("ExternalIP", "203.0.113.1")]);
-        assert_eq!(best_ip(&ext, Family::V4), Some("203.0.113.1".parse().unwrap()));
+        assert_eq!(
+            best_ip(&ext, Family::V4),
+            Some("203.0.113.1".parse().unwrap())
+        );
         assert_eq!(best_ip(&ext, Family::V6), None);
     }
 

@@ -13,7 +13,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{Actual, Family, FouPort, Link, LinkKind, NextHop, Op, Ownership, Route, Rule, Tunnel};
+use crate::model::{
+    Actual, Family, FouPort, Link, LinkKind, NextHop, Op, Ownership, Route, Rule, Tunnel,
+};
 use crate::nodes::Desired;
 
 /// A plan: ops to apply, and clashes with foreign objects to report.
@@ -38,17 +40,30 @@ fn tunnel_differs(have: &Tunnel, want: &Tunnel, mtu: u32) -> bool {
 
 /// Compute the plan. `owned_fou` lists the FOU ports kr-tunneld opened earlier (FOU ports carry no
 /// owner mark, so only those are ever closed).
-pub fn plan(desired: &Desired, actual: &Actual, own: &Ownership, owned_fou: &BTreeSet<FouPort>) -> Plan {
+pub fn plan(
+    desired: &Desired,
+    actual: &Actual,
+    own: &Ownership,
+    owned_fou: &BTreeSet<FouPort>,
+) -> Plan {
     let mut p = Plan::default();
     let mut tunnel_ops = Vec::new();
     let mut blocked: BTreeSet<String> = BTreeSet::new();
     // Owned links not yet matched to a desired tunnel, by ifindex.
-    let mut unmatched: BTreeMap<u32, &Link> =
-        actual.links.iter().filter(|l| own.owns_link(l)).map(|l| (l.index, l)).collect();
+    let mut unmatched: BTreeMap<u32, &Link> = actual
+        .links
+        .iter()
+        .filter(|l| own.owns_link(l))
+        .map(|l| (l.index, l))
+        .collect();
 
     // FOU ports: open the missing ones first.
     for f in &desired.fou {
-        match actual.fou.iter().find(|a| a.family == f.family && a.port == f.port) {
+        match actual
+            .fou
+            .iter()
+            .find(|a| a.family == f.family && a.port == f.port)
+        {
             Some(a) if a.gue == f.gue => {}
             Some(_) => p.clashes.push(format!(
                 "fou port {} {} exists with another encapsulation type; not changing it",
@@ -67,21 +82,32 @@ pub fn plan(desired: &Desired, actual: &Actual, own: &Ownership, owned_fou: &BTr
             .find(|l| l.kind == kind && l.tunnel.as_ref().is_some_and(same_ends))
             .map(|l| l.index);
         if let Some(index) = by_attrs {
-            let Some(l) = unmatched.remove(&index) else { continue };
+            let Some(l) = unmatched.remove(&index) else {
+                continue;
+            };
             if l.name != want.name {
                 // Same endpoints under another name (e.g. another naming scheme): replace. The
                 // old one must go first, the kernel allows one tunnel per endpoint pair.
-                tunnel_ops.push(Op::DeleteTunnel { index, name: l.name.clone() });
+                tunnel_ops.push(Op::DeleteTunnel {
+                    index,
+                    name: l.name.clone(),
+                });
                 tunnel_ops.push(Op::CreateTunnel(want.clone()));
                 continue;
             }
             if let Some(have) = &l.tunnel {
                 if tunnel_differs(have, want, l.mtu) {
-                    tunnel_ops.push(Op::ChangeTunnel { index, want: want.clone() });
+                    tunnel_ops.push(Op::ChangeTunnel {
+                        index,
+                        want: want.clone(),
+                    });
                 }
             }
             if !l.up {
-                tunnel_ops.push(Op::SetUp { index, name: l.name.clone() });
+                tunnel_ops.push(Op::SetUp {
+                    index,
+                    name: l.name.clone(),
+                });
             }
             continue;
         }
@@ -89,13 +115,22 @@ pub fn plan(desired: &Desired, actual: &Actual, own: &Ownership, owned_fou: &BTr
         if let Some(l) = actual.links.iter().find(|l| l.name == want.name) {
             if unmatched.remove(&l.index).is_some() && l.kind == kind {
                 // Ours, other endpoints (the peer's or our IP changed): change in place.
-                tunnel_ops.push(Op::ChangeTunnel { index: l.index, want: want.clone() });
+                tunnel_ops.push(Op::ChangeTunnel {
+                    index: l.index,
+                    want: want.clone(),
+                });
                 if !l.up {
-                    tunnel_ops.push(Op::SetUp { index: l.index, name: l.name.clone() });
+                    tunnel_ops.push(Op::SetUp {
+                        index: l.index,
+                        name: l.name.clone(),
+                    });
                 }
             } else if own.owns_link(l) {
                 // Ours but of the other kind (cannot happen with our naming): replace.
-                tunnel_ops.push(Op::DeleteTunnel { index: l.index, name: l.name.clone() });
+                tunnel_ops.push(Op::DeleteTunnel {
+                    index: l.index,
+                    name: l.name.clone(),
+                });
                 tunnel_ops.push(Op::CreateTunnel(want.clone()));
             } else {
                 p.clashes.push(format!(
@@ -138,7 +173,10 @@ pub fn plan(desired: &Desired, actual: &Actual, own: &Ownership, owned_fou: &BTr
         p.ops.push(Op::DeleteRoute(r.clone()));
     }
     for l in unmatched.values() {
-        p.ops.push(Op::DeleteTunnel { index: l.index, name: l.name.clone() });
+        p.ops.push(Op::DeleteTunnel {
+            index: l.index,
+            name: l.name.clone(),
+        });
     }
     // Replacements' deletions go first among tunnel ops so the endpoint pair is free.
     tunnel_ops.sort_by_key(|op| !matches!(op, Op::DeleteTunnel { .. }));
@@ -181,8 +219,14 @@ pub fn plan(desired: &Desired, actual: &Actual, own: &Ownership, owned_fou: &BTr
 
     // FOU ports we opened and nothing wants any more.
     for f in owned_fou {
-        let wanted = desired.fou.iter().any(|d| d.family == f.family && d.port == f.port);
-        let present = actual.fou.iter().any(|a| a.family == f.family && a.port == f.port);
+        let wanted = desired
+            .fou
+            .iter()
+            .any(|d| d.family == f.family && d.port == f.port);
+        let present = actual
+            .fou
+            .iter()
+            .any(|a| a.family == f.family && a.port == f.port);
         if !wanted && present {
             p.ops.push(Op::DelFouPort(*f));
         }
@@ -198,11 +242,17 @@ mod tests {
     use crate::nodes::{desired, NodeInfo};
 
     fn own() -> Ownership {
-        Ownership { name_prefix: "kt".into(), link_group: 19284, protocol: 157 }
+        Ownership {
+            name_prefix: "kt".into(),
+            link_group: 19284,
+            protocol: 157,
+        }
     }
 
     fn overlay(args: &[&str]) -> crate::config::Overlay {
-        let crate::cli::Parsed::Args(a) = crate::cli::parse(args.iter().copied(), &|_| None).unwrap() else {
+        let crate::cli::Parsed::Args(a) =
+            crate::cli::parse(args.iter().copied(), &|_| None).unwrap()
+        else {
             panic!()
         };
         crate::config::Config::from_args(&a).unwrap().overlay
@@ -219,7 +269,10 @@ mod tests {
                 up: true,
                 tunnel: None,
             }],
-            addrs: vec![Addr { index: 2, addr: "192.168.1.10/24".parse().unwrap() }],
+            addrs: vec![Addr {
+                index: 2,
+                addr: "192.168.1.10/24".parse().unwrap(),
+            }],
             ..Actual::default()
         }
     }
@@ -235,7 +288,10 @@ mod tests {
         for i in 1..=n {
             v.push(NodeInfo {
                 name: format!("n{i}"),
-                addresses: vec![("InternalIP".into(), format!("172.16.{}.{}", i / 250, i % 250 + 1))],
+                addresses: vec![(
+                    "InternalIP".into(),
+                    format!("172.16.{}.{}", i / 250, i % 250 + 1),
+                )],
                 pod_cidrs: vec![format!("10.{}.{}.0/24", 100 + i / 256, i % 256)],
                 ..NodeInfo::default()
             });
@@ -303,7 +359,10 @@ mod tests {
                 other => panic!("unexpected {other}"),
             })
             .collect();
-        assert_eq!(kinds, ["fou", "link", "link", "link", "route", "route", "route", "route", "rule"]);
+        assert_eq!(
+            kinds,
+            ["fou", "link", "link", "link", "route", "route", "route", "route", "rule"]
+        );
         assert_matches_desired(&mut k, &nodes(2), &[]);
         // Apply, plan again: nothing (the key convergence property).
         assert_eq!(replan(&mut k, &nodes(2), &[]).ops, vec![]);
@@ -316,7 +375,11 @@ mod tests {
             &["--overlay-type=full"],
             &["--overlay-encap=fou"],
             &["--enable-overlay=false"],
-            &["--overlay-encap=fou", "--overlay-encap-port=6000", "--tunnel-ttl=10"],
+            &[
+                "--overlay-encap=fou",
+                "--overlay-encap-port=6000",
+                "--tunnel-ttl=10",
+            ],
             &["--tunnel-mtu=1400", "--overlay-type=full"],
             &["--tunnel-ttl=10"],
             &["--enable-ipv6=true", "--overlay-type=full"],
@@ -340,12 +403,26 @@ mod tests {
         let p = converge(&mut k, &nodes(3), &["--overlay-encap=fou"]);
         assert_eq!(p.ops.len(), 3, "{:?}", p.ops);
         for op in &p.ops {
-            let Op::ChangeTunnel { want, .. } = op else { panic!("{op}") };
-            assert_eq!(want.encap, Encap::Gue { sport: 0, dport: 5555 });
+            let Op::ChangeTunnel { want, .. } = op else {
+                panic!("{op}")
+            };
+            assert_eq!(
+                want.encap,
+                Encap::Gue {
+                    sport: 0,
+                    dport: 5555
+                }
+            );
         }
         // The FOU port was already open (T-7); no route rewritten; same ifindexes.
-        assert_eq!(k.state.links.iter().map(|l| l.index).collect::<Vec<_>>(), before);
-        assert_eq!(replan(&mut k, &nodes(3), &["--overlay-encap=fou"]).ops, vec![]);
+        assert_eq!(
+            k.state.links.iter().map(|l| l.index).collect::<Vec<_>>(),
+            before
+        );
+        assert_eq!(
+            replan(&mut k, &nodes(3), &["--overlay-encap=fou"]).ops,
+            vec![]
+        );
     }
 
     #[test]
@@ -355,7 +432,11 @@ mod tests {
         let p = converge(&mut k, &nodes(2), &[]);
         assert_eq!(p.ops.len(), 1, "{:?}", p.ops);
         assert!(matches!(&p.ops[0], Op::DeleteTunnel { name, .. } if name == "ktac100004"));
-        assert!(k.state.routes.iter().all(|r| r.dst != "10.100.3.0/24".parse().unwrap()));
+        assert!(k
+            .state
+            .routes
+            .iter()
+            .all(|r| r.dst != "10.100.3.0/24".parse().unwrap()));
         assert_matches_desired(&mut k, &nodes(2), &[]);
     }
 
@@ -429,7 +510,9 @@ mod tests {
         assert_eq!(p.clashes.len(), 2, "{:?}", p.clashes);
         for op in &p.ops {
             match op {
-                Op::DeleteTunnel { .. } | Op::ChangeTunnel { .. } | Op::SetUp { .. } => panic!("{op}"),
+                Op::DeleteTunnel { .. } | Op::ChangeTunnel { .. } | Op::SetUp { .. } => {
+                    panic!("{op}")
+                }
                 Op::DeleteRoute(_) | Op::DeleteRule(_) => panic!("{op}"),
                 Op::ReplaceRoute(r) => assert!(
                     !matches!(&r.nexthop, NextHop::Dev(d) if d == "ktac100002" || d == "ktac100003"),
@@ -450,16 +533,37 @@ mod tests {
         let mut k = FakeKernel::with(host());
         converge(&mut k, &nodes(3), &["--overlay-encap=fou"]);
         // Someone deletes a tunnel, changes a route and an encap port behind our back.
-        let victim = k.state.links.iter().position(|l| l.name == "ktac100002").unwrap();
+        let victim = k
+            .state
+            .links
+            .iter()
+            .position(|l| l.name == "ktac100002")
+            .unwrap();
         k.state.links.remove(victim);
-        k.state.routes.retain(|r| !matches!(&r.nexthop, NextHop::Dev(d) if d == "ktac100002"));
+        k.state
+            .routes
+            .retain(|r| !matches!(&r.nexthop, NextHop::Dev(d) if d == "ktac100002"));
         let r = k.state.routes.iter_mut().find(|r| r.table == 254).unwrap();
         r.src = None;
-        let t = k.state.links.iter_mut().find(|l| l.name == "ktac100003").unwrap();
-        t.tunnel.as_mut().unwrap().encap = Encap::Gue { sport: 0, dport: 7777 };
+        let t = k
+            .state
+            .links
+            .iter_mut()
+            .find(|l| l.name == "ktac100003")
+            .unwrap();
+        t.tunnel.as_mut().unwrap().encap = Encap::Gue {
+            sport: 0,
+            dport: 7777,
+        };
         let p = converge(&mut k, &nodes(3), &["--overlay-encap=fou"]);
-        assert!(p.ops.iter().any(|o| matches!(o, Op::CreateTunnel(t) if t.name == "ktac100002")));
-        assert!(p.ops.iter().any(|o| matches!(o, Op::ChangeTunnel { want, .. } if want.name == "ktac100003")));
+        assert!(p
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::CreateTunnel(t) if t.name == "ktac100002")));
+        assert!(p
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::ChangeTunnel { want, .. } if want.name == "ktac100003")));
         assert_matches_desired(&mut k, &nodes(3), &["--overlay-encap=fou"]);
     }
 
@@ -479,12 +583,27 @@ mod tests {
     fn port_change_keeps_old_port_only_while_listed() {
         let mut k = FakeKernel::with(host());
         converge(&mut k, &nodes(1), &["--overlay-encap=fou"]);
-        converge(&mut k, &nodes(1), &["--overlay-encap=fou", "--overlay-encap-port=6000", "--overlay-encap-rx-ports=5555"]);
+        converge(
+            &mut k,
+            &nodes(1),
+            &[
+                "--overlay-encap=fou",
+                "--overlay-encap-port=6000",
+                "--overlay-encap-rx-ports=5555",
+            ],
+        );
         let mut ports: Vec<u16> = k.state.fou.iter().map(|f| f.port).collect();
         ports.sort();
         assert_eq!(ports, [5555, 6000]);
-        converge(&mut k, &nodes(1), &["--overlay-encap=fou", "--overlay-encap-port=6000"]);
-        assert_eq!(k.state.fou.iter().map(|f| f.port).collect::<Vec<_>>(), [6000]);
+        converge(
+            &mut k,
+            &nodes(1),
+            &["--overlay-encap=fou", "--overlay-encap-port=6000"],
+        );
+        assert_eq!(
+            k.state.fou.iter().map(|f| f.port).collect::<Vec<_>>(),
+            [6000]
+        );
     }
 
     #[test]

@@ -28,16 +28,10 @@ pub struct Node {
     pub name: String,
     /// Named network namespace.
     pub ns: String,
-    /// IPv4 / IPv6 node addresses.
-    pub ip4: String,
-    /// IPv6 node address.
-    pub ip6: String,
     /// Pod addresses.
     pub pod4: String,
     /// IPv6 pod address.
     pub pod6: String,
-    /// Pod CIDRs.
-    pub cidrs: Vec<String>,
     /// The running daemon.
     pub child: Option<Child>,
 }
@@ -70,17 +64,49 @@ impl Cluster {
             echo 0 > /proc/sys/net/ipv4/conf/all/send_redirects; echo 0 > /proc/sys/net/ipv4/conf/br0/send_redirects");
         let api = FakeApi::start("0.0.0.0:0");
         let specs = [
-            ("a", "192.168.1.10", "fd00:1::10", "192.168.1.1", "fd00:1::1", 0),
-            ("b", "192.168.1.11", "fd00:1::11", "192.168.1.1", "fd00:1::1", 1),
-            ("c", "192.168.2.12", "fd00:2::12", "192.168.2.1", "fd00:2::1", 2),
+            (
+                "a",
+                "192.168.1.10",
+                "fd00:1::10",
+                "192.168.1.1",
+                "fd00:1::1",
+                0,
+            ),
+            (
+                "b",
+                "192.168.1.11",
+                "fd00:1::11",
+                "192.168.1.1",
+                "fd00:1::1",
+                1,
+            ),
+            (
+                "c",
+                "192.168.2.12",
+                "fd00:2::12",
+                "192.168.2.1",
+                "fd00:2::1",
+                2,
+            ),
         ];
         let mut nodes = Vec::new();
         for (name, ip4, ip6, gw4, gw6, n) in specs {
             let ns = format!("krt{tag}{name}");
-            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
             let pod4 = format!("10.244.{n}.1");
-            let pod6 = if n == 0 { "fd10::1".to_string() } else { format!("fd10:0:0:{n}::1") };
-            let cidr6 = if n == 0 { "fd10::/64".to_string() } else { format!("fd10:0:0:{n}::/64") };
+            let pod6 = if n == 0 {
+                "fd10::1".to_string()
+            } else {
+                format!("fd10:0:0:{n}::1")
+            };
+            let cidr6 = if n == 0 {
+                "fd10::/64".to_string()
+            } else {
+                format!("fd10:0:0:{n}::/64")
+            };
             sh(&format!(
                 "ip netns add {ns}; ip link add v{tag}{name} type veth peer name eth0 netns {ns}; \
                  ip link set v{tag}{name} master br0 up; \
@@ -92,9 +118,20 @@ impl Cluster {
             ));
             let cidrs = vec![format!("10.244.{n}.0/24"), cidr6];
             api.put_node(node_json(name, &[ip4, ip6], &[&cidrs[0], &cidrs[1]]));
-            nodes.push(Node { name: name.into(), ns, ip4: ip4.into(), ip6: ip6.into(), pod4, pod6, cidrs, child: None });
+            nodes.push(Node {
+                name: name.into(),
+                ns,
+                pod4,
+                pod6,
+                child: None,
+            });
         }
-        Cluster { api, nodes, dir, tag: tag.to_string() }
+        Cluster {
+            api,
+            nodes,
+            dir,
+            tag: tag.to_string(),
+        }
     }
 
     /// The node by name.
@@ -103,7 +140,10 @@ impl Cluster {
     }
 
     fn idx(&self, name: &str) -> usize {
-        self.nodes.iter().position(|n| n.name == name).expect("node")
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("node")
     }
 
     /// Start the daemon on `name` with extra flags (IPv6 on, 2 s resync).
@@ -120,7 +160,14 @@ impl Cluster {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &n.ns])
             .arg(rig::kr_tunneld_bin())
-            .args(["--hostname-override", name, "--master", &url, "--enable-ipv6=true", "--resync-period=2s"])
+            .args([
+                "--hostname-override",
+                name,
+                "--master",
+                &url,
+                "--enable-ipv6=true",
+                "--resync-period=2s",
+            ])
             .arg("--state-dir")
             .arg(&state)
             .args(flags)
@@ -137,7 +184,11 @@ impl Cluster {
             let t = Instant::now();
             run("kill", &["-TERM", &c.id().to_string()]);
             let st = c.wait().expect("wait");
-            assert!(t.elapsed() < Duration::from_secs(5), "{name} took {:?} to stop", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{name} took {:?} to stop",
+                t.elapsed()
+            );
             assert!(st.success(), "{name} exited with {st}");
         }
     }
@@ -171,10 +222,16 @@ impl Cluster {
         let v = self.ipj(name, &["-d", "link", "show"]);
         let mut out = Vec::new();
         for l in v.as_array().cloned().unwrap_or_default() {
-            let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or("").to_string();
+            let kind = l["linkinfo"]["info_kind"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let ifname = l["ifname"].as_str().unwrap_or("").to_string();
             // Per-peer tunnels only: not the receive-only devices (ktrx4, ktrx6).
-            if !(kind == "ipip" || kind == "ip6tnl") || !ifname.starts_with("kt") || ifname.starts_with("ktrx") {
+            if !(kind == "ipip" || kind == "ip6tnl")
+                || !ifname.starts_with("kt")
+                || ifname.starts_with("ktrx")
+            {
                 continue;
             }
             let d = &l["linkinfo"]["info_data"];
@@ -207,7 +264,8 @@ impl Cluster {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for n in &self.nodes {
-            let t = std::fs::read_to_string(self.dir.join(format!("{}.log", n.name))).unwrap_or_default();
+            let t = std::fs::read_to_string(self.dir.join(format!("{}.log", n.name)))
+                .unwrap_or_default();
             let tail: Vec<&str> = t.lines().rev().take(40).collect();
             s.push_str(&format!("--- {} log (last 40 lines)\n", n.name));
             for l in tail.iter().rev() {
@@ -246,7 +304,9 @@ impl Drop for Cluster {
 /// Wait until every node has converged for the given expectation of tunnels per node.
 fn wait_tunnels(c: &Cluster, want: &[(&str, usize)]) {
     for (name, n) in want {
-        c.wait_for(&format!("{n} tunnels on {name}"), 60, |c| c.tunnels(name).len() == *n);
+        c.wait_for(&format!("{n} tunnels on {name}"), 60, |c| {
+            c.tunnels(name).len() == *n
+        });
     }
 }
 
@@ -255,9 +315,20 @@ mod tests {
     use super::*;
 
     fn all_pairs_ping(c: &Cluster) {
-        for (a, b) in [("a", "b"), ("a", "c"), ("b", "c"), ("c", "a"), ("b", "a"), ("c", "b")] {
+        for (a, b) in [
+            ("a", "b"),
+            ("a", "c"),
+            ("b", "c"),
+            ("c", "a"),
+            ("b", "a"),
+            ("c", "b"),
+        ] {
             for v6 in [false, true] {
-                assert!(c.ping(a, b, v6, 2), "ping {a} -> {b} (ipv6={v6}) failed\n{}", c.logs());
+                assert!(
+                    c.ping(a, b, v6, 2),
+                    "ping {a} -> {b} (ipv6={v6}) failed\n{}",
+                    c.logs()
+                );
             }
         }
     }
@@ -275,8 +346,16 @@ mod tests {
             // subnet: a and b tunnel only to c (v4 + v6); c tunnels to a and b.
             wait_tunnels(&c, &[("a", 2), ("b", 2), ("c", 4)]);
             let a = c.tunnels("a");
-            assert!(a.iter().any(|t| t.1 == "ipip" && t.2 == "192.168.1.10" && t.3 == "192.168.2.12"), "{a:?}");
-            assert!(a.iter().any(|t| t.1 == "ip6tnl" && t.2 == "fd00:1::10" && t.3 == "fd00:2::12"), "{a:?}");
+            assert!(
+                a.iter()
+                    .any(|t| t.1 == "ipip" && t.2 == "192.168.1.10" && t.3 == "192.168.2.12"),
+                "{a:?}"
+            );
+            assert!(
+                a.iter()
+                    .any(|t| t.1 == "ip6tnl" && t.2 == "fd00:1::10" && t.3 == "fd00:2::12"),
+                "{a:?}"
+            );
             let routes = c.ipj("a", &["route", "show", "10.244.1.0/24"]);
             assert_eq!(routes[0]["gateway"], "192.168.1.11", "{routes}");
             let routes = c.ipj("a", &["route", "show", "10.244.2.0/24"]);
@@ -285,7 +364,13 @@ mod tests {
             assert_eq!(t77.as_array().map(Vec::len), Some(1), "{t77}");
             let rules = c.ipj("a", &["rule", "show"]);
             assert!(
-                rules.as_array().unwrap().iter().any(|r| r["src"] == "10.244.0.0" && r["table"] == "77" && r["priority"] == 32001),
+                rules
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["src"] == "10.244.0.0"
+                        && r["table"] == "77"
+                        && r["priority"] == 32001),
                 "{rules}"
             );
             all_pairs_ping(&c);
@@ -304,7 +389,11 @@ mod tests {
                 c.start(n, &["--enable-overlay=false"]);
             }
             wait_tunnels(&c, &[("a", 0), ("b", 0), ("c", 0)]);
-            assert!(c.ping("a", "b", false, 2) && c.ping("a", "b", true, 2), "{}", c.logs());
+            assert!(
+                c.ping("a", "b", false, 2) && c.ping("a", "b", true, 2),
+                "{}",
+                c.logs()
+            );
             let routes = c.ipj("a", &["route", "show", "10.244.2.0/24"]);
             assert_eq!(routes.as_array().map(Vec::len), Some(0), "{routes}");
         });
@@ -360,7 +449,20 @@ impl Pinger {
             (c.node(from).pod4.clone(), c.node(to).pod4.clone())
         };
         let child = Command::new("ip")
-            .args(["netns", "exec", &c.node(from).ns, "ping", "-n", "-i", "0.01", "-W", "1", "-I", &src, &dst])
+            .args([
+                "netns",
+                "exec",
+                &c.node(from).ns,
+                "ping",
+                "-n",
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                "-I",
+                &src,
+                &dst,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -392,10 +494,14 @@ impl Pinger {
 fn switch(c: &mut Cluster, name: &str, flags: &[&str], encap: &str, dport: u64, tunnels: usize) {
     c.stop(name);
     c.start(name, flags);
-    c.wait_for(&format!("{name} tunnels with encap {encap}:{dport}"), 60, |c| {
-        let t = c.tunnels(name);
-        t.len() == tunnels && t.iter().all(|t| t.4 == encap && t.5 == dport)
-    });
+    c.wait_for(
+        &format!("{name} tunnels with encap {encap}:{dport}"),
+        60,
+        |c| {
+            let t = c.tunnels(name);
+            t.len() == tunnels && t.iter().all(|t| t.4 == encap && t.5 == dport)
+        },
+    );
 }
 
 /// All owned state of a node as text, for comparing two runs.
@@ -426,9 +532,16 @@ mod switch_tests {
                 c.start(n, &["--overlay-type=full"]);
             }
             wait_tunnels(&c, &[("a", 4), ("b", 4), ("c", 4)]);
-            assert!(c.ping("a", "c", false, 3) && c.ping("a", "c", true, 3), "{}", c.logs());
+            assert!(
+                c.ping("a", "c", false, 3) && c.ping("a", "c", true, 3),
+                "{}",
+                c.logs()
+            );
             let (ipip0, gue0) = (counter("ipip"), counter("gue5555"));
-            assert!(ipip0 >= 6 && counter("ip6ip6") >= 6 && gue0 == 0, "ipip {ipip0} gue {gue0}");
+            assert!(
+                ipip0 >= 6 && counter("ip6ip6") >= 6 && gue0 == 0,
+                "ipip {ipip0} gue {gue0}"
+            );
 
             let p4 = Pinger::start(&c, "a", "c", false);
             let p6 = Pinger::start(&c, "c", "a", true);
@@ -442,41 +555,75 @@ mod switch_tests {
             assert!(gue1 > 20, "GUE packets on the wire: {gue1}");
             let ipip1 = counter("ipip");
             std::thread::sleep(Duration::from_millis(500));
-            assert_eq!(counter("ipip"), ipip1, "plain IPIP still sent after everyone moved to GUE");
+            assert_eq!(
+                counter("ipip"),
+                ipip1,
+                "plain IPIP still sent after everyone moved to GUE"
+            );
             for n in ["a", "c", "b"] {
                 switch(&mut c, n, &["--overlay-type=full"], "none", 0, 4);
             }
             std::thread::sleep(Duration::from_millis(500));
             // Port change 5555 -> 6000 in three drop-free steps.
-            let step1 = ["--overlay-type=full", "--overlay-encap=fou", "--overlay-encap-rx-ports=6000"];
-            let step2 = ["--overlay-type=full", "--overlay-encap=fou", "--overlay-encap-port=6000", "--overlay-encap-rx-ports=5555"];
-            let step3 = ["--overlay-type=full", "--overlay-encap=fou", "--overlay-encap-port=6000"];
+            let step1 = [
+                "--overlay-type=full",
+                "--overlay-encap=fou",
+                "--overlay-encap-rx-ports=6000",
+            ];
+            let step2 = [
+                "--overlay-type=full",
+                "--overlay-encap=fou",
+                "--overlay-encap-port=6000",
+                "--overlay-encap-rx-ports=5555",
+            ];
+            let step3 = [
+                "--overlay-type=full",
+                "--overlay-encap=fou",
+                "--overlay-encap-port=6000",
+            ];
             for n in ["a", "c", "b"] {
                 switch(&mut c, n, &step1, "gue", 5555, 4);
             }
             for n in ["a", "c", "b"] {
                 switch(&mut c, n, &step2, "gue", 6000, 4);
             }
-            println!("wire counters after step2: 5555={} 6000={}", counter("gue5555"), counter("gue6000"));
+            println!(
+                "wire counters after step2: 5555={} 6000={}",
+                counter("gue5555"),
+                counter("gue6000")
+            );
             for n in ["a", "c", "b"] {
                 switch(&mut c, n, &step3, "gue", 6000, 4);
             }
-            println!("wire counters after step3: 5555={} 6000={}", counter("gue5555"), counter("gue6000"));
+            println!(
+                "wire counters after step3: 5555={} 6000={}",
+                counter("gue5555"),
+                counter("gue6000")
+            );
             std::thread::sleep(Duration::from_millis(500));
             let (sent4, lost4) = p4.finish();
             let (sent6, lost6) = p6.finish();
             println!("live switch: ipv4 {sent4} answered, lost {lost4:?}; ipv6 {sent6} answered, lost {lost6:?}");
             assert!(sent4 > 200 && sent6 > 200, "too few pings: {sent4} {sent6}");
-            assert!(lost4.is_empty() && lost6.is_empty(), "lost v4 {lost4:?} v6 {lost6:?}\n{}", c.logs());
-            let counts: Vec<(String, u64)> =
-                ["ipip", "ip6ip6", "gue5555", "gue6000"].iter().map(|n| (n.to_string(), counter(n))).collect();
+            assert!(
+                lost4.is_empty() && lost6.is_empty(),
+                "lost v4 {lost4:?} v6 {lost6:?}\n{}",
+                c.logs()
+            );
+            let counts: Vec<(String, u64)> = ["ipip", "ip6ip6", "gue5555", "gue6000"]
+                .iter()
+                .map(|n| (n.to_string(), counter(n)))
+                .collect();
             println!("wire counters: {counts:?}");
             assert!(counter("gue6000") > 20, "{counts:?}");
             // 5555 is closed again on every node: only 6000 remains open.
             for n in ["a", "b", "c"] {
                 let fou = c.exec(n, "ip fou show; ip -6 fou show");
                 let text = String::from_utf8_lossy(&fou.stdout).into_owned();
-                assert!(text.contains("6000") && !text.contains("5555"), "{n}: {text}");
+                assert!(
+                    text.contains("6000") && !text.contains("5555"),
+                    "{n}: {text}"
+                );
             }
         });
     }
@@ -506,55 +653,95 @@ mod lifecycle_tests {
                  ip rule add from 10.244.0.0/24 lookup 77 pref 100",
             );
             assert!(foreign.status.success(), "{foreign:?}");
-            c.api.put_node(node_json("d", &["192.168.2.50"], &["10.244.50.0/24"]));
+            c.api
+                .put_node(node_json("d", &["192.168.2.50"], &["10.244.50.0/24"]));
             for n in ["a", "b", "c"] {
                 c.start(n, &[]);
             }
-            c.wait_for("a tunnels to c", 60, |c| has_tunnel_to(c, "a", "192.168.2.12") && has_tunnel_to(c, "a", "fd00:2::12"));
+            c.wait_for("a tunnels to c", 60, |c| {
+                has_tunnel_to(c, "a", "192.168.2.12") && has_tunnel_to(c, "a", "fd00:2::12")
+            });
             assert!(c.ping("a", "c", false, 2), "{}", c.logs());
 
             // Deleted in the API -> tunnels, routes, table-77 routes go.
-            let c_node = node_json("c", &["192.168.2.12", "fd00:2::12"], &["10.244.2.0/24", "fd10:0:0:2::/64"]);
+            let c_node = node_json(
+                "c",
+                &["192.168.2.12", "fd00:2::12"],
+                &["10.244.2.0/24", "fd10:0:0:2::/64"],
+            );
             c.api.delete_node("c");
-            c.wait_for("a's tunnels to c removed", 30, |c| !has_tunnel_to(c, "a", "192.168.2.12") && !has_tunnel_to(c, "a", "fd00:2::12"));
+            c.wait_for("a's tunnels to c removed", 30, |c| {
+                !has_tunnel_to(c, "a", "192.168.2.12") && !has_tunnel_to(c, "a", "fd00:2::12")
+            });
             let r = c.ipj("a", &["route", "show", "10.244.2.0/24"]);
             assert_eq!(r.as_array().map(Vec::len), Some(0), "{r}");
             // Added again -> back.
             c.api.put_node(c_node.clone());
-            c.wait_for("a's tunnel to c again", 30, |c| has_tunnel_to(c, "a", "192.168.2.12"));
+            c.wait_for("a's tunnel to c again", 30, |c| {
+                has_tunnel_to(c, "a", "192.168.2.12")
+            });
             assert!(c.ping("a", "c", false, 2));
 
             // c's IP changes -> a's tunnel follows.
-            assert!(c.exec("c", "ip addr add 192.168.2.13/24 dev eth0").status.success());
-            c.api.put_node(node_json("c", &["192.168.2.13", "fd00:2::12"], &["10.244.2.0/24", "fd10:0:0:2::/64"]));
-            c.wait_for("a's tunnel to 192.168.2.13", 30, |c| has_tunnel_to(c, "a", "192.168.2.13") && !has_tunnel_to(c, "a", "192.168.2.12"));
-            c.wait_for("c's local address follows", 30, |c| c.tunnels("c").iter().any(|t| t.2 == "192.168.2.13"));
+            assert!(c
+                .exec("c", "ip addr add 192.168.2.13/24 dev eth0")
+                .status
+                .success());
+            c.api.put_node(node_json(
+                "c",
+                &["192.168.2.13", "fd00:2::12"],
+                &["10.244.2.0/24", "fd10:0:0:2::/64"],
+            ));
+            c.wait_for("a's tunnel to 192.168.2.13", 30, |c| {
+                has_tunnel_to(c, "a", "192.168.2.13") && !has_tunnel_to(c, "a", "192.168.2.12")
+            });
+            c.wait_for("c's local address follows", 30, |c| {
+                c.tunnels("c").iter().any(|t| t.2 == "192.168.2.13")
+            });
             assert!(c.ping("a", "c", false, 2), "{}", c.logs());
             c.api.put_node(c_node.clone());
-            c.wait_for("a's tunnel back to .12", 30, |c| has_tunnel_to(c, "a", "192.168.2.12"));
+            c.wait_for("a's tunnel back to .12", 30, |c| {
+                has_tunnel_to(c, "a", "192.168.2.12")
+            });
 
             // Daemon down while the node is deleted -> the orphan goes at the next start (T-9).
             c.stop("a");
             c.api.delete_node("c");
             std::thread::sleep(Duration::from_millis(500));
-            assert!(has_tunnel_to(&c, "a", "192.168.2.12"), "stopping must leave tunnels in place");
+            assert!(
+                has_tunnel_to(&c, "a", "192.168.2.12"),
+                "stopping must leave tunnels in place"
+            );
             c.start("a", &[]);
-            c.wait_for("orphan tunnel removed after restart", 30, |c| !has_tunnel_to(c, "a", "192.168.2.12"));
+            c.wait_for("orphan tunnel removed after restart", 30, |c| {
+                !has_tunnel_to(c, "a", "192.168.2.12")
+            });
             c.api.put_node(c_node.clone());
             c.wait_for("tunnel back", 30, |c| has_tunnel_to(c, "a", "192.168.2.12"));
 
             // API outage: nothing is removed, even though c is deleted meanwhile; then converges.
             c.api.set_down(true);
             std::thread::sleep(Duration::from_secs(5)); // two resync periods
-            assert!(has_tunnel_to(&c, "a", "192.168.2.12"), "tunnel removed while the API was down\n{}", c.logs());
+            assert!(
+                has_tunnel_to(&c, "a", "192.168.2.12"),
+                "tunnel removed while the API was down\n{}",
+                c.logs()
+            );
             assert!(c.ping("a", "c", false, 2));
             c.api.delete_node("c");
             std::thread::sleep(Duration::from_secs(3));
-            assert!(has_tunnel_to(&c, "a", "192.168.2.12"), "tunnel removed while the API was down");
+            assert!(
+                has_tunnel_to(&c, "a", "192.168.2.12"),
+                "tunnel removed while the API was down"
+            );
             c.api.set_down(false);
-            c.wait_for("deletion seen after the outage", 90, |c| !has_tunnel_to(c, "a", "192.168.2.12"));
+            c.wait_for("deletion seen after the outage", 90, |c| {
+                !has_tunnel_to(c, "a", "192.168.2.12")
+            });
             c.api.put_node(c_node.clone());
-            c.wait_for("tunnel back after outage", 90, |c| has_tunnel_to(c, "a", "192.168.2.12"));
+            c.wait_for("tunnel back after outage", 90, |c| {
+                has_tunnel_to(c, "a", "192.168.2.12")
+            });
 
             // Drift: delete a managed tunnel, change a managed route, change an encap port.
             let drift = c.exec(
@@ -562,27 +749,58 @@ mod lifecycle_tests {
                 "ip link del ktc0a8020c && ip route replace 10.244.1.0/24 via 192.168.1.12 proto 157",
             );
             assert!(drift.status.success(), "{drift:?}");
-            let v6 = c.tunnels("a").into_iter().find(|t| t.1 == "ip6tnl").expect("ip6tnl tunnel");
-            let port = c.exec("a", &format!("ip link set {} type ip6tnl encap gue encap-sport auto encap-dport 7777", v6.0));
+            let v6 = c
+                .tunnels("a")
+                .into_iter()
+                .find(|t| t.1 == "ip6tnl")
+                .expect("ip6tnl tunnel");
+            let port = c.exec(
+                "a",
+                &format!(
+                    "ip link set {} type ip6tnl encap gue encap-sport auto encap-dport 7777",
+                    v6.0
+                ),
+            );
             assert!(port.status.success(), "{port:?}");
             assert!(c.tunnels("a").iter().any(|t| t.5 == 7777));
-            let pid = c.node("a").child.as_ref().map(|ch| ch.id()).expect("a runs");
+            let pid = c
+                .node("a")
+                .child
+                .as_ref()
+                .map(|ch| ch.id())
+                .expect("a runs");
             run("kill", &["-HUP", &pid.to_string()]);
             c.wait_for("drift repaired", 30, |c| {
                 let t = c.tunnels("a");
                 let r = c.ipj("a", &["route", "show", "10.244.1.0/24"]);
-                has_tunnel_to(c, "a", "192.168.2.12") && t.iter().all(|t| t.5 == 0) && r[0]["gateway"] == "192.168.1.11"
+                has_tunnel_to(c, "a", "192.168.2.12")
+                    && t.iter().all(|t| t.5 == 0)
+                    && r[0]["gateway"] == "192.168.1.11"
             });
 
             // Foreign objects untouched; the clash with d's name reported.
             let l = c.ipj("a", &["-d", "link", "show", "ktc0a80232"]);
-            assert_eq!(l[0]["linkinfo"]["info_data"]["remote"], "192.168.2.99", "{l}");
+            assert_eq!(
+                l[0]["linkinfo"]["info_data"]["remote"], "192.168.2.99",
+                "{l}"
+            );
             let r = c.ipj("a", &["route", "show", "10.99.0.0/16"]);
             assert_eq!(r.as_array().map(Vec::len), Some(1), "{r}");
             let rules = c.ipj("a", &["rule", "show"]);
-            assert!(rules.as_array().unwrap().iter().any(|r| r["priority"] == 100), "{rules}");
+            assert!(
+                rules
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["priority"] == 100),
+                "{rules}"
+            );
             let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
-            assert!(log.contains("ktc0a80232") && log.contains("not ours"), "clash not logged\n{}", c.logs());
+            assert!(
+                log.contains("ktc0a80232") && log.contains("not ours"),
+                "clash not logged\n{}",
+                c.logs()
+            );
         });
     }
 
@@ -596,27 +814,42 @@ mod lifecycle_tests {
             for i in 0..200u32 {
                 let ip = format!("172.20.{}.{}", i / 200, i % 200 + 1);
                 let cidr = format!("10.100.{}.0/24", i);
-                c.api.put_node(node_json(&format!("p{i}"), &[&ip], &[&cidr]));
+                c.api
+                    .put_node(node_json(&format!("p{i}"), &[&ip], &[&cidr]));
             }
             let want = 200 + 2; // 200 fake peers (IPv4 only) + c (IPv4 and IPv6)
             let t = Instant::now();
             c.start("a", &[]);
             c.wait_for("200 peers converged", 120, |c| c.tunnels("a").len() == want);
-            println!("converged 200 peers (+c) in {:?} from daemon start", t.elapsed());
+            println!(
+                "converged 200 peers (+c) in {:?} from daemon start",
+                t.elapsed()
+            );
             let clean = snapshot(&c, "a");
             c.stop("a");
-            let cleanup = c.exec("a", &format!("{} cleanup --state-dir {}", rig::kr_tunneld_bin().display(), c.dir.join("state-a").display()));
+            let cleanup = c.exec(
+                "a",
+                &format!(
+                    "{} cleanup --state-dir {}",
+                    rig::kr_tunneld_bin().display(),
+                    c.dir.join("state-a").display()
+                ),
+            );
             assert!(cleanup.status.success(), "{cleanup:?}");
             assert_eq!(c.tunnels("a").len(), 0, "cleanup left tunnels");
             for round in 0..3u64 {
                 c.start("a", &[]);
                 // Kill at a different moment each round, while links are being created.
                 let wait_for = 1 + round * 40;
-                c.wait_for("some tunnels", 60, |c| c.tunnels("a").len() as u64 >= wait_for.min(want as u64 - 1));
+                c.wait_for("some tunnels", 60, |c| {
+                    c.tunnels("a").len() as u64 >= wait_for.min(want as u64 - 1)
+                });
                 c.kill9("a");
             }
             c.start("a", &[]);
-            c.wait_for("converged after kill -9", 120, |c| c.tunnels("a").len() == want);
+            c.wait_for("converged after kill -9", 120, |c| {
+                c.tunnels("a").len() == want
+            });
             std::thread::sleep(Duration::from_secs(3));
             assert_eq!(snapshot(&c, "a"), clean);
         });
@@ -628,7 +861,10 @@ mod demo {
     use super::*;
 
     fn show(title: &str, out: std::process::Output) {
-        println!("\n### {title}\n{}", String::from_utf8_lossy(&out.stdout).trim_end());
+        println!(
+            "\n### {title}\n{}",
+            String::from_utf8_lossy(&out.stdout).trim_end()
+        );
     }
 
     /// The README's first command (tests/demo.sh): three nodes, the real daemon on each, pods
@@ -650,33 +886,64 @@ mod demo {
                 "kr-tunneld status on node a (subnet mode: b is routed directly, c through tunnels)",
                 c.exec("a", &format!("{} status --state-dir {}", bin.display(), state.display())),
             );
-            show("ip -d link show type ipip (node a)", c.exec("a", "ip -d link show type ipip | grep -A2 ' kt'"));
-            show("ip route (node a, proto 157 = kr-tunneld)", c.exec("a", "ip route show proto 157; ip -6 route show proto 157; ip route show table 77"));
-            show("ip rule (node a)", c.exec("a", "ip rule show; ip -6 rule show"));
+            show(
+                "ip -d link show type ipip (node a)",
+                c.exec("a", "ip -d link show type ipip | grep -A2 ' kt'"),
+            );
+            show(
+                "ip route (node a, proto 157 = kr-tunneld)",
+                c.exec(
+                    "a",
+                    "ip route show proto 157; ip -6 route show proto 157; ip route show table 77",
+                ),
+            );
+            show(
+                "ip rule (node a)",
+                c.exec("a", "ip rule show; ip -6 rule show"),
+            );
             println!("\n### pod-to-pod pings");
             for (a, b) in [("a", "b"), ("a", "c"), ("b", "c")] {
                 for v6 in [false, true] {
                     let ok = c.ping(a, b, v6, 3);
-                    println!("pod {a} -> pod {b} ({}): {}", if v6 { "IPv6" } else { "IPv4" }, if ok { "3/3 replies" } else { "FAILED" });
+                    println!(
+                        "pod {a} -> pod {b} ({}): {}",
+                        if v6 { "IPv6" } else { "IPv4" },
+                        if ok { "3/3 replies" } else { "FAILED" }
+                    );
                     assert!(ok, "{}", c.logs());
                 }
             }
-            println!("\n### live switch to GUE (fou), node by node, while pod a pings pod c every 10 ms");
+            println!(
+                "\n### live switch to GUE (fou), node by node, while pod a pings pod c every 10 ms"
+            );
             let p = Pinger::start(&c, "a", "c", false);
             std::thread::sleep(Duration::from_millis(300));
             for n in ["a", "b", "c"] {
-                switch(&mut c, n, &["--overlay-encap=fou"], "gue", 5555, if n == "c" { 4 } else { 2 });
+                switch(
+                    &mut c,
+                    n,
+                    &["--overlay-encap=fou"],
+                    "gue",
+                    5555,
+                    if n == "c" { 4 } else { 2 },
+                );
                 println!("node {n} now sends GUE to port 5555");
             }
             std::thread::sleep(Duration::from_millis(300));
             let (answered, lost) = p.finish();
             println!("pings answered: {answered}, lost: {}", lost.len());
             assert!(lost.is_empty(), "{lost:?}");
-            show("ip -d link show type ipip (node a, after the switch)", c.exec("a", "ip -d link show type ipip | grep -A2 ' kt'"));
+            show(
+                "ip -d link show type ipip (node a, after the switch)",
+                c.exec("a", "ip -d link show type ipip | grep -A2 ' kt'"),
+            );
             show("ip fou show (node a)", c.exec("a", "ip fou show"));
             let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
             println!("\n### node a's log, summary lines");
-            for l in log.lines().filter(|l| l.contains("reconciled:") || l.contains("node name")) {
+            for l in log
+                .lines()
+                .filter(|l| l.contains("reconciled:") || l.contains("node name"))
+            {
                 println!("{l}");
             }
         });

@@ -37,7 +37,9 @@ pub fn node_json(name: &str, ips: &[&str], cidrs: &[&str]) -> Value {
     let addresses: Vec<Value> = ips
         .iter()
         .map(|ip| json!({"type": "InternalIP", "address": ip}))
-        .chain(std::iter::once(json!({"type": "Hostname", "address": name})))
+        .chain(std::iter::once(
+            json!({"type": "Hostname", "address": name}),
+        ))
         .collect();
     json!({
         "kind": "Node",
@@ -75,11 +77,6 @@ impl FakeApi {
         FakeApi { inner, addr, stop }
     }
 
-    /// `http://ADDR`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
     fn change(&self, f: impl FnOnce(&mut State) -> Option<(&'static str, Value)>) {
         let (m, cv) = &*self.inner;
         let mut s = lock(m);
@@ -88,7 +85,10 @@ impl FakeApi {
         if let Some((ty, mut obj)) = f(&mut s) {
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
             if ty != "DELETED" {
-                let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 s.nodes.insert(name, obj.clone());
             }
             s.events.push((rv, ty, obj));
@@ -99,8 +99,15 @@ impl FakeApi {
     /// Add or replace a node.
     pub fn put_node(&self, node: Value) {
         self.change(|s| {
-            let name = node["metadata"]["name"].as_str().unwrap_or_default().to_string();
-            let ty = if s.nodes.contains_key(&name) { "MODIFIED" } else { "ADDED" };
+            let name = node["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let ty = if s.nodes.contains_key(&name) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
             Some((ty, node))
         });
     }
@@ -164,7 +171,11 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
         let watch = matches!(query(&path, "watch").as_deref(), Some("true") | Some("1"));
         if !watch {
             let s = lock(m);
-            let items: Vec<Value> = if is_nodes { s.nodes.values().cloned().collect() } else { Vec::new() };
+            let items: Vec<Value> = if is_nodes {
+                s.nodes.values().cloned().collect()
+            } else {
+                Vec::new()
+            };
             let body = json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}).to_string();
             drop(s);
             write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
@@ -172,8 +183,12 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
         }
         write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
         w.flush()?;
-        let mut from: u64 = query(&path, "resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let timeout = query(&path, "timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(60u64);
+        let mut from: u64 = query(&path, "resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let timeout = query(&path, "timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60u64);
         let end = Instant::now() + Duration::from_secs(timeout);
         let mut s = lock(m);
         let epoch = s.epoch;
@@ -208,7 +223,10 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
             }
             s = lock(m);
             let wait = (end - now).min(Duration::from_millis(500));
-            s = cv.wait_timeout(s, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            s = cv
+                .wait_timeout(s, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 }
