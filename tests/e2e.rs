@@ -116,7 +116,7 @@ impl Cluster {
                  ip -n {ns} link add pod0 type dummy; ip -n {ns} link set pod0 up; \
                  ip -n {ns} addr add {pod4}/24 dev pod0; ip -n {ns} -6 addr add {pod6}/64 dev pod0 nodad"
             ));
-            let cidrs = vec![format!("10.244.{n}.0/24"), cidr6];
+            let cidrs = [format!("10.244.{n}.0/24"), cidr6];
             api.put_node(node_json(name, &[ip4, ip6], &[&cidrs[0], &cidrs[1]]));
             nodes.push(Node {
                 name: name.into(),
