@@ -24,3 +24,5 @@ mod netns;
 mod fakeapi;
 // End to end: three netns nodes running the real binary against the fake API server (root; #[ignore]d).
 mod e2e;
+// The binary without root: flags, exit codes, dry run with sd_notify, token never logged.
+mod daemon_cli;

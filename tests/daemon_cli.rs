@@ -1,0 +1,127 @@
+//! The real binary without root-only kernel features: flags and variables, exit codes, a dry run
+//! against the fake API server with a stand-in NOTIFY_SOCKET (READY=1 only after the first
+//! reconcile, WATCHDOG=1, STOPPING=1 on SIGTERM and a stop within 2 s), and no token in any log
+//! line even at trace level (SPEC O-1, O-2, O-3, O-4, O-7, K-2).
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::fakeapi::{node_json, FakeApi};
+use crate::rig::kr_tunneld_bin;
+
+fn kr(args: &[&str]) -> std::process::Output {
+    Command::new(kr_tunneld_bin()).args(args).env_remove("RUST_LOG").output().expect("run kr-tunneld")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_and_version_exit_0() {
+        let h = kr(&["--help"]);
+        assert!(h.status.success());
+        let text = String::from_utf8_lossy(&h.stdout);
+        for f in kr_tunneld::cli::FLAGS {
+            assert!(text.contains(&format!("--{}", f.name)), "--help lacks --{}", f.name);
+        }
+        let v = kr(&["--version"]);
+        assert!(v.status.success());
+        assert!(String::from_utf8_lossy(&v.stdout).starts_with("kr-tunneld 0."));
+    }
+
+    #[test]
+    fn bad_flags_and_variables_exit_2_naming_them() {
+        let o = kr(&["--overlay-encap", "vxlan"]);
+        assert_eq!(o.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("'vxlan'") && e.contains("--overlay-encap"), "{e}");
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        let o = Command::new(kr_tunneld_bin())
+            .env("KR_TUNNELD_OVERLAY_ENCAP_PORT", "80")
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("KR_TUNNELD_OVERLAY_ENCAP_PORT") && e.contains("'80'"), "{e}");
+        let o = kr(&["--no-such-flag"]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--no-such-flag"));
+    }
+
+    /// Collects notify datagrams until `want` is seen or the deadline passes.
+    fn wait_notify(sock: &UnixDatagram, seen: &mut Vec<String>, want: &str, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = sock.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                if seen.last().is_some_and(|m| m.contains(want)) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn dry_run_is_ready_after_the_first_reconcile_and_stops_on_sigterm() {
+        let api = FakeApi::start("127.0.0.1:0");
+        let dir = std::env::temp_dir().join(format!("krt-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let sock_path = dir.join("notify");
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        let token = dir.join("token");
+        std::fs::write(&token, "s3cr3t-t0ken-value\n").expect("token");
+        // The API is down at first: no READY until a list succeeds.
+        api.set_down(true);
+        let mut child = Command::new(kr_tunneld_bin())
+            .args(["--dry-run", "--hostname-override", "a", "--master"])
+            .arg(format!("http://{}", api.addr))
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "400000")
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // WATCHDOG_PID is not set, so the watchdog applies to us (the main pid).
+        let mut seen = Vec::new();
+        assert!(wait_notify(&sock, &mut seen, "WATCHDOG=1", 10), "no watchdog ping: {seen:?}");
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(wait_notify(&sock, &mut seen, "WATCHDOG=1", 5));
+        assert!(!seen.iter().any(|m| m.contains("READY=1")), "READY before any list: {seen:?}");
+        api.put_node(node_json("a", &["192.0.2.10"], &["10.244.0.0/24"]));
+        api.put_node(node_json("b", &["198.51.100.11"], &["10.244.1.0/24"]));
+        api.set_down(false);
+        assert!(wait_notify(&sock, &mut seen, "READY=1", 30), "no READY: {seen:?}");
+        let ready = seen.last().cloned().unwrap_or_default();
+        assert!(ready.contains("STATUS=reconciled: peers=1"), "{ready}");
+        let t = Instant::now();
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+        let status = child.wait().expect("wait");
+        assert!(t.elapsed() < Duration::from_secs(2), "stop took {:?}", t.elapsed());
+        assert!(status.success(), "{status}");
+        assert!(wait_notify(&sock, &mut seen, "STOPPING=1", 2), "{seen:?}");
+        let mut out = String::new();
+        child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+        let mut err = String::new();
+        child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+        // The plan for a peer outside our subnet: a tunnel and its routes; nothing applied.
+        assert!(out.contains("would create tunnel ktc633640b"), "{out}");
+        assert!(out.contains("would replace route 10.244.1.0/24 dev ktc633640b"), "{out}");
+        assert!(err.contains("TRACE") || err.contains("DEBUG"), "no verbose logs: {err}");
+        assert!(!err.contains("s3cr3t"), "token in the logs");
+        assert!(!out.contains("s3cr3t"), "token on stdout");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
