@@ -66,8 +66,20 @@ pub fn builder(
             b.filter_level(LevelFilter::Info);
         }
     }
-    b.format(move |buf, record| format_record(buf, style, SystemTime::now(), record));
+    b.format(move |buf, record| {
+        if is_secret_bearing(record.level(), record.target()) {
+            return Ok(());
+        }
+        format_record(buf, style, SystemTime::now(), record)
+    });
     b
+}
+
+/// Records that may carry credentials whatever the filter says: ureq-proto hex-dumps whole
+/// requests (the `Authorization` header included) at trace, and rustls traces handshake
+/// internals. They are dropped, so `RUST_LOG=trace` can never leak the bearer token (SPEC K-2).
+pub fn is_secret_bearing(level: log::Level, target: &str) -> bool {
+    level == log::Level::Trace && (target.starts_with("ureq") || target.starts_with("rustls"))
 }
 
 /// The style for this process: [`Style::Journal`] when `JOURNAL_STREAM` names our stderr.

@@ -12,7 +12,11 @@ use crate::fakeapi::{node_json, FakeApi};
 use crate::rig::kr_tunneld_bin;
 
 fn kr(args: &[&str]) -> std::process::Output {
-    Command::new(kr_tunneld_bin()).args(args).env_remove("RUST_LOG").output().expect("run kr-tunneld")
+    Command::new(kr_tunneld_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run kr-tunneld")
 }
 
 #[cfg(test)]
@@ -25,7 +29,11 @@ mod tests {
         assert!(h.status.success());
         let text = String::from_utf8_lossy(&h.stdout);
         for f in kr_tunneld::cli::FLAGS {
-            assert!(text.contains(&format!("--{}", f.name)), "--help lacks --{}", f.name);
+            assert!(
+                text.contains(&format!("--{}", f.name)),
+                "--help lacks --{}",
+                f.name
+            );
         }
         let v = kr(&["--version"]);
         assert!(v.status.success());
@@ -37,7 +45,10 @@ mod tests {
         let o = kr(&["--overlay-encap", "vxlan"]);
         assert_eq!(o.status.code(), Some(2));
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(e.contains("'vxlan'") && e.contains("--overlay-encap"), "{e}");
+        assert!(
+            e.contains("'vxlan'") && e.contains("--overlay-encap"),
+            "{e}"
+        );
         assert_eq!(e.lines().count(), 1, "one line: {e}");
         let o = Command::new(kr_tunneld_bin())
             .env("KR_TUNNELD_OVERLAY_ENCAP_PORT", "80")
@@ -45,7 +56,10 @@ mod tests {
             .expect("run");
         assert_eq!(o.status.code(), Some(2));
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(e.contains("KR_TUNNELD_OVERLAY_ENCAP_PORT") && e.contains("'80'"), "{e}");
+        assert!(
+            e.contains("KR_TUNNELD_OVERLAY_ENCAP_PORT") && e.contains("'80'"),
+            "{e}"
+        );
         let o = kr(&["--no-such-flag"]);
         assert_eq!(o.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&o.stderr).contains("--no-such-flag"));
@@ -74,7 +88,8 @@ mod tests {
         let sock_path = dir.join("notify");
         let _ = std::fs::remove_file(&sock_path);
         let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
-        sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
         let token = dir.join("token");
         std::fs::write(&token, "s3cr3t-t0ken-value\n").expect("token");
         // The API is down at first: no READY until a list succeeds.
@@ -95,32 +110,66 @@ mod tests {
             .expect("spawn");
         // WATCHDOG_PID is not set, so the watchdog applies to us (the main pid).
         let mut seen = Vec::new();
-        assert!(wait_notify(&sock, &mut seen, "WATCHDOG=1", 10), "no watchdog ping: {seen:?}");
+        assert!(
+            wait_notify(&sock, &mut seen, "WATCHDOG=1", 10),
+            "no watchdog ping: {seen:?}"
+        );
         std::thread::sleep(Duration::from_secs(1));
         assert!(wait_notify(&sock, &mut seen, "WATCHDOG=1", 5));
-        assert!(!seen.iter().any(|m| m.contains("READY=1")), "READY before any list: {seen:?}");
+        assert!(
+            !seen.iter().any(|m| m.contains("READY=1")),
+            "READY before any list: {seen:?}"
+        );
         api.put_node(node_json("a", &["192.0.2.10"], &["10.244.0.0/24"]));
         api.put_node(node_json("b", &["198.51.100.11"], &["10.244.1.0/24"]));
         api.set_down(false);
-        assert!(wait_notify(&sock, &mut seen, "READY=1", 30), "no READY: {seen:?}");
+        assert!(
+            wait_notify(&sock, &mut seen, "READY=1", 30),
+            "no READY: {seen:?}"
+        );
         let ready = seen.last().cloned().unwrap_or_default();
         assert!(ready.contains("STATUS=reconciled: peers=1"), "{ready}");
         let t = Instant::now();
         let pid = child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success());
         let status = child.wait().expect("wait");
-        assert!(t.elapsed() < Duration::from_secs(2), "stop took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "stop took {:?}",
+            t.elapsed()
+        );
         assert!(status.success(), "{status}");
         assert!(wait_notify(&sock, &mut seen, "STOPPING=1", 2), "{seen:?}");
         let mut out = String::new();
-        child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read");
         let mut err = String::new();
-        child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err)
+            .expect("read");
         // The plan for a peer outside our subnet: a tunnel and its routes; nothing applied.
         assert!(out.contains("would create tunnel ktc633640b"), "{out}");
-        assert!(out.contains("would replace route 10.244.1.0/24 dev ktc633640b"), "{out}");
-        assert!(err.contains("TRACE") || err.contains("DEBUG"), "no verbose logs: {err}");
-        assert!(!err.contains("s3cr3t"), "token in the logs");
+        assert!(
+            out.contains("would replace route 10.244.1.0/24 dev ktc633640b"),
+            "{out}"
+        );
+        assert!(
+            err.contains("TRACE") || err.contains("DEBUG"),
+            "no verbose logs: {err}"
+        );
+        let leaks: Vec<&str> = err.lines().filter(|l| l.contains("s3cr3t")).collect();
+        assert!(leaks.is_empty(), "token in the logs: {leaks:?}");
         assert!(!out.contains("s3cr3t"), "token on stdout");
         let _ = std::fs::remove_dir_all(&dir);
     }
