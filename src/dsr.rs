@@ -966,15 +966,22 @@ pub struct IpvsPlan {
 
 impl IpvsPlan {
     /// The record to persist after applying: [`IpvsPlan::record`] minus the services whose
-    /// deletion succeeded (`failed` lists the indexes of failed ops, as [`crate::apply::Kernel`]
-    /// reports them).
-    pub fn record_after(&self, failed: &[usize]) -> BTreeSet<ServiceKey> {
+    /// deletion succeeded, and minus those whose creation failed with `EEXIST` (someone else
+    /// created that key in the meantime: not ours). `failed` lists the index and errno of each
+    /// failed op. Other failed creations stay recorded (a lost ack may hide a success); a
+    /// recorded key the kernel does not have is forgotten by the next plan.
+    pub fn record_after(&self, failed: &[(usize, i32)]) -> BTreeSet<ServiceKey> {
         let mut r = self.record.clone();
         for (i, op) in self.ops.iter().enumerate() {
-            if let IpvsOp::DeleteService(k) = op {
-                if !failed.contains(&i) {
+            let errno = failed.iter().find(|(j, _)| *j == i).map(|(_, e)| *e);
+            match (op, errno) {
+                (IpvsOp::DeleteService(k), None) => {
                     r.remove(k);
                 }
+                (IpvsOp::AddService(s), Some(libc::EEXIST)) => {
+                    r.remove(&s.key);
+                }
+                _ => {}
             }
         }
         r
@@ -2229,8 +2236,8 @@ mod tests {
         *owned = p.record.clone();
         let mut failed = Vec::new();
         for (i, op) in p.ops.iter().enumerate() {
-            if apply_ipvs(k, op).is_err() {
-                failed.push(i);
+            if let Err(e) = apply_ipvs(k, op) {
+                failed.push((i, e));
             }
         }
         assert!(failed.is_empty(), "{:?}", p.ops);
@@ -2367,8 +2374,13 @@ mod tests {
         }
         let p = plan_ipvs(&Desired::default(), &k, &p.record);
         assert_eq!(p.ops.len(), 1);
-        assert_eq!(p.record_after(&[0]), p.record);
+        assert_eq!(p.record_after(&[(0, libc::EPERM)]), p.record);
         assert!(p.record_after(&[]).is_empty());
+        // A creation that lost the race against someone else (EEXIST) is not ours.
+        let p = plan_ipvs(&d, &IpvsState::default(), &BTreeSet::new());
+        assert!(matches!(p.ops[0], IpvsOp::AddService(_)));
+        assert!(p.record_after(&[(0, libc::EEXIST)]).is_empty());
+        assert_eq!(p.record_after(&[(0, libc::ENOENT)]), p.record);
     }
 
     #[test]

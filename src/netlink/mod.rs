@@ -6,3 +6,6 @@ pub mod genl;
 pub mod ipvs;
 pub mod rtnl;
 pub mod socket;
+
+#[cfg(test)]
+mod tests;
