@@ -1,1 +1,606 @@
-//! daemon (to be written)
+//! The daemon: one event funnel, one thread that owns the kernel sockets.
+//!
+//! Shell module. Watch threads and the signal thread send [`Event`]s into one channel; the main
+//! thread keeps the watch caches, and on every change (coalesced), on the resync timer and on
+//! SIGHUP it rebuilds the desired state from the whole cache, reads the kernel, plans and applies
+//! (SPEC T-9). Nothing here decides what the kernel should hold: [`crate::nodes`] and
+//! [`crate::reconcile`] do. SIGTERM/SIGINT stop the loop and leave the data path in place
+//! (SPEC O-4).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::apply::{Kernel, KernelError};
+use crate::config::Config;
+use crate::kube::types::Node;
+use crate::kube::Update;
+use crate::metrics::Metrics;
+use crate::model::{Encap, Family, FouPort, Op};
+use crate::nodes::{self, Desired, Diag, Mode, NodeInfo};
+use crate::reconcile;
+
+/// Everything the main loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// A change to the Node cache.
+    Nodes(Update<Node>),
+    /// SIGTERM or SIGINT: stop, leaving the data path up.
+    Stop,
+    /// SIGHUP: full resync now.
+    Resync,
+}
+
+/// The fields of a Node object the overlay uses.
+pub fn node_info(n: &Node) -> NodeInfo {
+    NodeInfo {
+        name: n.metadata.name.clone(),
+        addresses: n.status.addresses.iter().map(|a| (a.type_.clone(), a.address.clone())).collect(),
+        annotations: n.metadata.annotations.clone(),
+        pod_cidr: (!n.spec.pod_cidr.is_empty()).then(|| n.spec.pod_cidr.clone()),
+        pod_cidrs: n.spec.pod_cidrs.clone(),
+    }
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Ops planned.
+    pub planned: usize,
+    /// Ops that failed.
+    pub failed: usize,
+    /// The one-line summary (SPEC O-6).
+    pub summary: String,
+}
+
+/// The daemon state owned by the main thread.
+pub struct Daemon<K: Kernel> {
+    cfg: Config,
+    local: String,
+    kernel: K,
+    nodes: BTreeMap<String, NodeInfo>,
+    synced: bool,
+    owned_fou: BTreeSet<FouPort>,
+    last_diags: BTreeSet<Diag>,
+    last_problems: BTreeSet<String>,
+    /// Peer table of the last reconcile.
+    pub peers: Vec<nodes::Peer>,
+    /// Counters for metrics.
+    pub metrics: Metrics,
+    out: Box<dyn Write + Send>,
+}
+
+impl<K: Kernel> Daemon<K> {
+    /// A daemon for node `local` over `kernel`. The FOU ports opened by an earlier run are read
+    /// from the state directory.
+    pub fn new(cfg: Config, local: String, kernel: K, out: Box<dyn Write + Send>) -> Daemon<K> {
+        let owned_fou = read_fou_state(&fou_state_path(&cfg.state_dir));
+        Daemon {
+            cfg,
+            local,
+            kernel,
+            nodes: BTreeMap::new(),
+            synced: false,
+            owned_fou,
+            last_diags: BTreeSet::new(),
+            last_problems: BTreeSet::new(),
+            peers: Vec::new(),
+            metrics: Metrics::default(),
+            out,
+        }
+    }
+
+    /// Whether the node cache has been listed at least once.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The kernel (for tests).
+    pub fn kernel(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
+    /// Apply a Node cache update.
+    pub fn on_nodes(&mut self, u: Update<Node>) {
+        match u {
+            Update::Replace(all) => {
+                self.nodes = all.iter().map(|n| (n.metadata.name.clone(), node_info(n))).collect();
+                self.synced = true;
+            }
+            Update::Upsert(n) => {
+                self.nodes.insert(n.metadata.name.clone(), node_info(&n));
+            }
+            Update::Delete(n) => {
+                self.nodes.remove(&n.metadata.name);
+            }
+        }
+    }
+
+    /// Log each problem once per change: a line appears when it first shows up, not on every
+    /// resync (SPEC N-4).
+    fn log_new(&mut self, diags: Vec<Diag>, problems: Vec<String>) {
+        let diags: BTreeSet<Diag> = diags.into_iter().collect();
+        for d in diags.difference(&self.last_diags) {
+            log::warn!("{d}");
+        }
+        self.last_diags = diags;
+        let problems: BTreeSet<String> = problems.into_iter().collect();
+        for p in problems.difference(&self.last_problems) {
+            log::warn!("{p}");
+        }
+        self.last_problems = problems;
+    }
+
+    /// Compute the desired state from the cache and the kernel, plan, and apply (or print, with
+    /// `--dry-run`). `Err` only when the kernel could not be read: then nothing was changed.
+    pub fn reconcile(&mut self, now: Instant) -> Result<Outcome, KernelError> {
+        let own = self.cfg.overlay.own.clone();
+        let actual = self.kernel.read(&own)?;
+        let nodes: Vec<NodeInfo> = self.nodes.values().cloned().collect();
+        let mut diags = Vec::new();
+        let Some(desired) = nodes::desired(&self.local, &nodes, &actual, &self.cfg.overlay, &mut diags) else {
+            self.log_new(diags, Vec::new());
+            return Ok(Outcome { summary: "local node unknown; kernel left as it is".into(), ..Outcome::default() });
+        };
+        let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
+        let mut problems = plan.clashes.clone();
+        let mut failed = Vec::new();
+        if self.cfg.dry_run {
+            for op in &plan.ops {
+                // Best effort: stdout may be closed; the plan is also in the debug log.
+                let _ = writeln!(self.out, "would {op}");
+                log::debug!("plan: {op}");
+            }
+        } else if !plan.ops.is_empty() {
+            failed = self.kernel.apply(&own, &plan.ops);
+            let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            for (i, op) in plan.ops.iter().enumerate() {
+                if !failed_idx.contains(&i) {
+                    log::info!("{op}");
+                }
+            }
+            for (_, e) in &failed {
+                problems.push(e.to_string());
+            }
+            self.track_fou(&plan.ops, &failed_idx);
+        }
+        let errors = failed.len();
+        self.log_new(diags, problems);
+        let elapsed = now.elapsed();
+        self.peers = desired.peers.clone();
+        let summary = summary(&desired, plan.ops.len(), errors, elapsed);
+        self.metrics.record(&desired, plan.ops.len(), errors, elapsed);
+        if !plan.ops.is_empty() {
+            if errors > 0 {
+                log::warn!("{summary}");
+            } else {
+                log::info!("{summary}");
+            }
+        } else {
+            log::debug!("{summary}");
+        }
+        Ok(Outcome { planned: plan.ops.len(), failed: errors, summary })
+    }
+
+    /// Remember the FOU ports we opened or closed, in memory and in the state directory, so a
+    /// later run closes only ports it opened (they carry no owner mark in the kernel).
+    fn track_fou(&mut self, ops: &[Op], failed: &BTreeSet<usize>) {
+        let before = self.owned_fou.clone();
+        for (i, op) in ops.iter().enumerate() {
+            if failed.contains(&i) {
+                continue;
+            }
+            match op {
+                Op::AddFouPort(p) => {
+                    self.owned_fou.insert(*p);
+                }
+                Op::DelFouPort(p) => {
+                    self.owned_fou.remove(p);
+                }
+                _ => {}
+            }
+        }
+        if before != self.owned_fou {
+            let path = fou_state_path(&self.cfg.state_dir);
+            if let Err(e) = write_fou_state(&path, &self.owned_fou) {
+                log::warn!("cannot record owned FOU ports in {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Remove every object kr-tunneld owns (the `cleanup` command).
+    pub fn cleanup(&mut self) -> Result<Outcome, KernelError> {
+        let own = self.cfg.overlay.own.clone();
+        let actual = self.kernel.read(&own)?;
+        let plan = reconcile::plan(&Desired::default(), &actual, &own, &self.owned_fou);
+        if self.cfg.dry_run {
+            for op in &plan.ops {
+                let _ = writeln!(self.out, "would {op}");
+            }
+            return Ok(Outcome { planned: plan.ops.len(), ..Outcome::default() });
+        }
+        let failed = self.kernel.apply(&own, &plan.ops);
+        let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+        for (i, op) in plan.ops.iter().enumerate() {
+            if !failed_idx.contains(&i) {
+                log::info!("{op}");
+            }
+        }
+        for (_, e) in &failed {
+            log::error!("{e}");
+        }
+        self.track_fou(&plan.ops, &failed_idx);
+        Ok(Outcome {
+            planned: plan.ops.len(),
+            failed: failed.len(),
+            summary: format!("cleanup: {} objects removed, {} failures", plan.ops.len() - failed.len(), failed.len()),
+        })
+    }
+
+    /// Write the peer table for `kr-tunneld status`.
+    pub fn write_status(&self) {
+        let path = self.cfg.state_dir.join("peers");
+        let text = peer_table(&self.peers);
+        if let Err(e) = write_atomic(&path, text.as_bytes()) {
+            log::debug!("cannot write {}: {e}", path.display());
+        }
+    }
+}
+
+/// The one-line reconcile summary (SPEC O-6).
+pub fn summary(d: &Desired, ops: usize, failed: usize, took: Duration) -> String {
+    let mut by_encap: BTreeMap<String, usize> = BTreeMap::new();
+    let mut direct = 0;
+    for p in &d.peers {
+        match &p.mode {
+            Mode::Tunnel { encap, .. } => {
+                let e = match encap {
+                    Encap::None if p.family == Family::V4 => "ipip".to_string(),
+                    Encap::None => "ip6ip6".to_string(),
+                    Encap::Gue { .. } => format!("gue-{}", p.family),
+                    other => other.to_string(),
+                };
+                *by_encap.entry(e).or_default() += 1;
+            }
+            Mode::Direct => direct += 1,
+            Mode::None => {}
+        }
+    }
+    let peers: BTreeSet<&str> = d.peers.iter().map(|p| p.node.as_str()).collect();
+    let tunnels: Vec<String> = by_encap.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(
+        "reconciled: peers={} tunnels=[{}] direct={} ops={} failed={} took={}ms",
+        peers.len(),
+        tunnels.join(" "),
+        direct,
+        ops,
+        failed,
+        took.as_millis()
+    )
+}
+
+/// The peer table as text (SPEC O-6).
+pub fn peer_table(peers: &[nodes::Peer]) -> String {
+    let mut s = format!("{:<24} {:<6} {:<40} {:<7} {:<10} {}\n", "NODE", "FAMILY", "PEER IP", "MODE", "ENCAP", "TUNNEL");
+    for p in peers {
+        let (mode, encap, tunnel) = match &p.mode {
+            Mode::Tunnel { name, encap } => ("tunnel", encap.to_string(), name.clone()),
+            Mode::Direct => ("direct", "-".into(), "-".into()),
+            Mode::None => ("none", "-".into(), "-".into()),
+        };
+        s.push_str(&format!("{:<24} {:<6} {:<40} {:<7} {:<10} {}\n", p.node, p.family, p.ip, mode, encap, tunnel));
+    }
+    s
+}
+
+/// The owned tunnels as the kernel has them, for `kr-tunneld status`.
+pub fn kernel_table(actual: &crate::model::Actual, own: &crate::model::Ownership) -> String {
+    let mut s = format!(
+        "{:<16} {:<7} {:<40} {:<40} {:<10} {:<6} {}\n",
+        "TUNNEL", "KIND", "LOCAL", "REMOTE", "ENCAP", "MTU", "STATE"
+    );
+    for l in actual.links.iter().filter(|l| own.owns_link(l)) {
+        let Some(t) = &l.tunnel else { continue };
+        let kind = match t.family {
+            Family::V4 => "ipip",
+            Family::V6 => "ip6tnl",
+        };
+        s.push_str(&format!(
+            "{:<16} {:<7} {:<40} {:<40} {:<10} {:<6} {}\n",
+            l.name,
+            kind,
+            t.local,
+            t.remote,
+            t.encap.to_string(),
+            l.mtu,
+            if l.up { "up" } else { "down" }
+        ));
+    }
+    let routes = actual.routes.len();
+    let rules = actual.rules.len();
+    s.push_str(&format!("owned routes: {routes}, owned rules: {rules}, fou ports: {}\n", actual.fou.len()));
+    s
+}
+
+fn fou_state_path(dir: &Path) -> PathBuf {
+    dir.join("fou-ports")
+}
+
+/// Read `ipv4 5555`-style lines; a missing or garbled file means "none recorded".
+fn read_fou_state(path: &Path) -> BTreeSet<FouPort> {
+    let Ok(text) = std::fs::read_to_string(path) else { return BTreeSet::new() };
+    text.lines()
+        .filter_map(|l| {
+            let (fam, port) = l.split_once(' ')?;
+            let family = match fam {
+                "ipv4" => Family::V4,
+                "ipv6" => Family::V6,
+                _ => return None,
+            };
+            Some(FouPort { family, port: port.trim().parse().ok()?, gue: true })
+        })
+        .collect()
+}
+
+fn write_fou_state(path: &Path, ports: &BTreeSet<FouPort>) -> std::io::Result<()> {
+    let text: String = ports.iter().map(|p| format!("{} {}\n", p.family, p.port)).collect();
+    write_atomic(path, text.as_bytes())
+}
+
+/// Write a file by rename, creating its directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// How the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM/SIGINT, or `--once` with no failure.
+    Clean,
+    /// `--once` with failures.
+    Failed,
+}
+
+/// Hooks the loop calls, so that the loop itself can be tested without systemd or metrics.
+pub trait Hooks {
+    /// After each reconcile that ran (first one: ready), with the counters.
+    fn reconciled(&mut self, first: bool, outcome: &Outcome, metrics: &Metrics);
+    /// Periodically, from the main loop (watchdog).
+    fn alive(&mut self);
+    /// When stopping.
+    fn stopping(&mut self);
+}
+
+/// The main loop: wait for events or deadlines, coalesce, reconcile. Returns when told to stop.
+pub fn run_loop<K: Kernel>(
+    d: &mut Daemon<K>,
+    rx: &Receiver<Event>,
+    hooks: &mut dyn Hooks,
+    alive_every: Option<Duration>,
+) -> Exit {
+    let resync = d.cfg.resync;
+    // After a failure (kernel unreadable, or ops failed), retry sooner than the resync period.
+    let retry = Duration::from_secs(10).min(resync);
+    let mut next_resync = Instant::now() + resync;
+    let mut next_alive = alive_every.map(|e| Instant::now() + e);
+    let mut dirty = false;
+    let mut first = true;
+    loop {
+        let now = Instant::now();
+        let mut deadline = next_resync;
+        if let Some(a) = next_alive {
+            deadline = deadline.min(a);
+        }
+        let ev = match rx.recv_timeout(deadline.saturating_duration_since(now)) {
+            Ok(ev) => Some(ev),
+            Err(RecvTimeoutError::Timeout) => None,
+            // Every sender is gone: nothing can change any more.
+            Err(RecvTimeoutError::Disconnected) => return Exit::Clean,
+        };
+        let mut events: Vec<Event> = ev.into_iter().collect();
+        // Coalesce a burst: take everything already queued before reconciling once.
+        while let Ok(ev) = rx.try_recv() {
+            events.push(ev);
+        }
+        for ev in events {
+            match ev {
+                Event::Nodes(u) => {
+                    d.on_nodes(u);
+                    dirty = true;
+                }
+                Event::Resync => {
+                    log::info!("SIGHUP: full resync");
+                    dirty = true;
+                }
+                Event::Stop => {
+                    hooks.stopping();
+                    return Exit::Clean;
+                }
+            }
+        }
+        let now = Instant::now();
+        if let Some(a) = next_alive {
+            if now >= a {
+                hooks.alive();
+                next_alive = alive_every.map(|e| now + e);
+            }
+        }
+        if now >= next_resync {
+            dirty = true;
+        }
+        if !dirty || !d.synced() {
+            if now >= next_resync {
+                next_resync = now + resync;
+            }
+            continue;
+        }
+        dirty = false;
+        match d.reconcile(now) {
+            Ok(outcome) => {
+                d.write_status();
+                hooks.reconciled(first, &outcome, &d.metrics);
+                first = false;
+                next_resync = now + if outcome.failed > 0 { retry } else { resync };
+                if d.cfg.once {
+                    return if outcome.failed > 0 { Exit::Failed } else { Exit::Clean };
+                }
+            }
+            Err(e) => {
+                log::error!("reading kernel state failed, nothing changed: {e}");
+                d.metrics.failures += 1;
+                next_resync = now + retry;
+                if d.cfg.once {
+                    return Exit::Failed;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::FakeKernel;
+    use crate::model::{Actual, Addr, Link, LinkKind};
+    use std::sync::mpsc::channel;
+
+    fn cfg(args: &[&str]) -> Config {
+        let crate::cli::Parsed::Args(a) = crate::cli::parse(args.iter().copied(), &|_| None).unwrap() else {
+            panic!()
+        };
+        Config::from_args(&a).unwrap()
+    }
+
+    fn node(name: &str, ip: &str, cidr: &str) -> Node {
+        let json = format!(
+            r#"{{"metadata":{{"name":"{name}"}},"spec":{{"podCIDR":"{cidr}","podCIDRs":["{cidr}"]}},
+               "status":{{"addresses":[{{"type":"InternalIP","address":"{ip}"}}]}}}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    fn host() -> Actual {
+        Actual {
+            links: vec![Link { index: 2, name: "eth0".into(), kind: LinkKind::Other(String::new()), group: 0, mtu: 1500, up: true, tunnel: None }],
+            addrs: vec![Addr { index: 2, addr: "192.168.1.10/24".parse().unwrap() }],
+            ..Actual::default()
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        ready: usize,
+        outcomes: Vec<Outcome>,
+        stopping: bool,
+    }
+
+    impl Hooks for Recorder {
+        fn reconciled(&mut self, first: bool, o: &Outcome, _: &Metrics) {
+            if first {
+                self.ready += 1;
+            }
+            self.outcomes.push(o.clone());
+        }
+        fn alive(&mut self) {}
+        fn stopping(&mut self) {
+            self.stopping = true;
+        }
+    }
+
+    fn daemon(args: &[&str]) -> Daemon<FakeKernel> {
+        let dir = std::env::temp_dir().join(format!("krt-daemon-{}-{}", std::process::id(), rand_suffix()));
+        let mut c = cfg(args);
+        c.state_dir = dir;
+        Daemon::new(c, "a".into(), FakeKernel::with(host()), Box::new(std::io::sink()))
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    }
+
+    #[test]
+    fn nothing_happens_before_the_first_list_and_ready_comes_after_it() {
+        let mut d = daemon(&["--once"]);
+        let (tx, rx) = channel();
+        tx.send(Event::Nodes(Update::Upsert(node("b", "172.16.0.2", "10.1.0.0/24")))).unwrap();
+        tx.send(Event::Nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ])))
+        .unwrap();
+        let mut h = Recorder::default();
+        assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Clean);
+        assert_eq!(h.ready, 1);
+        assert!(h.outcomes[0].summary.contains("peers=1 tunnels=[ipip=1]"), "{}", h.outcomes[0].summary);
+        assert_eq!(d.kernel().state.links.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_op_is_reported_and_the_rest_applied() {
+        let mut d = daemon(&["--once"]);
+        d.kernel().fail_prefix = Some("create tunnel ktac100002".into());
+        let (tx, rx) = channel();
+        tx.send(Event::Nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+            node("c", "172.16.0.3", "10.2.0.0/24"),
+        ])))
+        .unwrap();
+        let mut h = Recorder::default();
+        assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Failed);
+        assert!(d.kernel().state.links.iter().any(|l| l.name == "ktac100003"));
+        assert!(h.outcomes[0].failed >= 1);
+    }
+
+    #[test]
+    fn stop_leaves_the_kernel_as_it_is() {
+        let mut d = daemon(&[]);
+        let (tx, rx) = channel();
+        tx.send(Event::Nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ])))
+        .unwrap();
+        tx.send(Event::Stop).unwrap();
+        let mut h = Recorder::default();
+        assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Clean);
+        assert!(h.stopping);
+        // The burst (list + stop) was coalesced: stop wins before any reconcile.
+        assert_eq!(d.kernel().state.links.len(), 1);
+    }
+
+    #[test]
+    fn deleting_a_node_removes_its_tunnel_and_fou_ports_are_tracked() {
+        let mut d = daemon(&[]);
+        d.on_nodes(Update::Replace(vec![node("a", "192.168.1.10", "10.0.0.0/24"), node("b", "172.16.0.2", "10.1.0.0/24")]));
+        d.reconcile(Instant::now()).unwrap();
+        assert_eq!(read_fou_state(&fou_state_path(&d.cfg.state_dir)).len(), 1);
+        d.on_nodes(Update::Delete(node("b", "172.16.0.2", "10.1.0.0/24")));
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!(o.planned, 1);
+        assert_eq!(d.kernel().state.links.len(), 1);
+        // cleanup closes the FOU port we recorded, and removes the rule.
+        let o = d.cleanup().unwrap();
+        assert_eq!(o.failed, 0);
+        assert!(d.kernel().state.fou.is_empty() && d.kernel().state.rules.is_empty());
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
+    }
+
+    #[test]
+    fn unknown_local_node_changes_nothing() {
+        let mut d = daemon(&[]);
+        d.on_nodes(Update::Replace(vec![node("a", "192.168.1.10", "10.0.0.0/24"), node("b", "172.16.0.2", "10.1.0.0/24")]));
+        d.reconcile(Instant::now()).unwrap();
+        d.on_nodes(Update::Delete(node("a", "192.168.1.10", "10.0.0.0/24")));
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!(o.planned, 0);
+        assert_eq!(d.kernel().state.links.len(), 2);
+    }
+}

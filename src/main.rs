@@ -1,1 +1,269 @@
-fn main() {}
+//! kr-tunneld: args → logging → signals → kernel and API client → main loop → exit code.
+//!
+//! Shell. Exit codes: 0 clean stop, 1 fatal runtime error, 2 usage or configuration error (the
+//! unit sets `RestartPreventExitStatus=2`).
+
+use std::process::ExitCode;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kr_tunneld::apply::Kernel;
+use kr_tunneld::cli::{self, Command, Parsed};
+use kr_tunneld::config::Config;
+use kr_tunneld::daemon::{self, Daemon, Event, Exit, Hooks, Outcome};
+use kr_tunneld::kube::{self, Client, ConnectionSettings, Node, Stop, WatchOptions, WatchStats};
+use kr_tunneld::netlink::kernel::NetlinkKernel;
+use kr_tunneld::systemd::{self, Notifier};
+use kr_tunneld::{logging, metrics};
+
+/// Exit code for usage and configuration errors.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let args = match cli::parse(std::env::args_os().skip(1), &env) {
+        Ok(Parsed::Help) => {
+            print!("{}", cli::help());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("{}", cli::version());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Args(a)) => a,
+        Err(e) => {
+            eprintln!("kr-tunneld: {e}\ntry 'kr-tunneld --help'");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cfg = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kr-tunneld: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(cfg.log_level);
+    match cfg.command {
+        Command::Run => run(cfg),
+        Command::Cleanup => cleanup(cfg),
+        Command::Status => status(cfg),
+    }
+}
+
+/// SPEC N-1: `--hostname-override`, else `NODE_NAME`, else the host name; logged.
+fn local_node_name(cfg: &Config) -> Option<String> {
+    if let Some(n) = &cfg.hostname_override {
+        log::info!("node name {n} (from --hostname-override)");
+        return Some(n.clone());
+    }
+    if let Some(n) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+        log::info!("node name {n} (from NODE_NAME)");
+        return Some(n);
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let host = host.trim().to_string();
+    log::info!("node name {host} (from the host name)");
+    (!host.is_empty()).then_some(host)
+}
+
+fn open_kernel() -> Option<NetlinkKernel> {
+    match NetlinkKernel::open() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            log::error!("cannot open netlink sockets: {e}");
+            None
+        }
+    }
+}
+
+struct MainHooks {
+    notifier: Notifier,
+    ready: bool,
+    page: Arc<Mutex<String>>,
+    metrics_file: Option<std::path::PathBuf>,
+    stats: Arc<WatchStats>,
+    watchdog: bool,
+}
+
+impl MainHooks {
+    fn publish(&self, m: &metrics::Metrics) {
+        let mut m = m.clone();
+        m.watch_restarts = self.stats.restarts();
+        m.relists = self.stats.relists();
+        let text = m.render();
+        if let Some(path) = &self.metrics_file {
+            if let Err(e) = daemon::write_atomic(path, text.as_bytes()) {
+                log::warn!("cannot write metrics to {}: {e}", path.display());
+            }
+        }
+        match self.page.lock() {
+            Ok(mut p) => *p = text,
+            Err(p) => *p.into_inner() = text,
+        }
+    }
+}
+
+impl Hooks for MainHooks {
+    fn reconciled(&mut self, first: bool, outcome: &Outcome, m: &metrics::Metrics) {
+        self.publish(m);
+        if first {
+            self.notifier.ready(&outcome.summary);
+            self.ready = true;
+        } else {
+            self.notifier.status(&outcome.summary);
+        }
+    }
+
+    fn alive(&mut self) {
+        if self.watchdog {
+            self.notifier.watchdog();
+        }
+        if !self.ready {
+            // The API server may be unreachable at boot: READY=1 waits for the first reconcile,
+            // so keep systemd from timing the start out meanwhile.
+            self.notifier.extend_timeout(Duration::from_secs(60));
+            self.notifier.status("waiting for the first list of Nodes");
+        }
+    }
+
+    fn stopping(&mut self) {
+        self.notifier.stopping();
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
+    let Some(local) = local_node_name(&cfg) else {
+        log::error!("cannot determine this node's name: set --hostname-override or NODE_NAME");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let settings = match ConnectionSettings::resolve(
+        cfg.kubeconfig.as_deref(),
+        cfg.master.as_deref(),
+        cfg.token_file.as_deref(),
+        cfg.ca_file.as_deref(),
+        &env,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("kubernetes connection settings: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let client = match Client::new(settings) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            log::error!("kubernetes client: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    log::info!("kr-tunneld {} starting: node {local}, API {}", env!("CARGO_PKG_VERSION"), client.server());
+    let Some(kernel) = open_kernel() else { return ExitCode::FAILURE };
+
+    let (tx, rx) = channel();
+    let stop = Stop::new();
+    let stats = Arc::new(WatchStats::default());
+    let opts = WatchOptions { stats: stats.clone(), ..WatchOptions::default() };
+    let node_tx = tx.clone();
+    kube::spawn_watch::<Node>(client.clone(), opts, move |u| {
+        // The receiver only goes away when the main loop has ended.
+        let _ = node_tx.send(Event::Nodes(u));
+    }, stop.clone());
+
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]);
+    match signals {
+        Ok(mut signals) => {
+            let sig_tx = tx.clone();
+            let sig_stop = stop.clone();
+            std::thread::spawn(move || {
+                for s in signals.forever() {
+                    let ev = if s == signal_hook::consts::SIGHUP {
+                        Event::Resync
+                    } else {
+                        // Unblock the watch threads at once; the main loop exits on Stop.
+                        sig_stop.trigger();
+                        Event::Stop
+                    };
+                    if sig_tx.send(ev).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    drop(tx);
+
+    let page = Arc::new(Mutex::new(String::new()));
+    if let Some(addr) = cfg.metrics_addr {
+        if let Err(e) = metrics::serve(addr, page.clone()) {
+            log::error!("cannot serve metrics on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let watchdog = systemd::watchdog_interval();
+    let mut hooks = MainHooks {
+        notifier: Notifier::from_env(),
+        ready: false,
+        page,
+        metrics_file: cfg.metrics_file.clone(),
+        stats,
+        watchdog: watchdog.is_some(),
+    };
+    let alive_every = watchdog.unwrap_or(Duration::from_secs(30));
+    let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+    let mut d = Daemon::new(cfg, local, kernel, out);
+    let exit = daemon::run_loop(&mut d, &rx, &mut hooks, Some(alive_every));
+    stop.trigger();
+    log::info!("stopped; tunnels, routes and rules stay in place");
+    match exit {
+        Exit::Clean => ExitCode::SUCCESS,
+        Exit::Failed => ExitCode::FAILURE,
+    }
+}
+
+fn cleanup(cfg: Config) -> ExitCode {
+    let Some(kernel) = open_kernel() else { return ExitCode::FAILURE };
+    let mut d = Daemon::new(cfg, String::new(), kernel, Box::new(std::io::stdout()));
+    match d.cleanup() {
+        Ok(o) => {
+            log::info!("{}", o.summary);
+            if o.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            log::error!("cleanup: reading kernel state failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(cfg: Config) -> ExitCode {
+    let Some(mut kernel) = open_kernel() else { return ExitCode::FAILURE };
+    let own = cfg.overlay.own.clone();
+    let actual = match kernel.read(&own) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("kr-tunneld: reading kernel state: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", daemon::kernel_table(&actual, &own));
+    match std::fs::read_to_string(cfg.state_dir.join("peers")) {
+        Ok(t) => print!("\nlast reconcile ({}):\n{t}", cfg.state_dir.join("peers").display()),
+        Err(_) => println!("\nno peer table in {} (daemon not running?)", cfg.state_dir.display()),
+    }
+    ExitCode::SUCCESS
+}

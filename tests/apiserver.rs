@@ -399,8 +399,14 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         Kind::List
     };
     let mut s = stream;
-    let (fault, token_ok, path_ok) = {
+    let (fault, token_ok, path_ok, generation) = {
         let mut st = lock(&shared.state);
+        if st.closed || !st.listening {
+            // Accepted just before going down: the process is gone, so is this connection.
+            drop(st);
+            reset(s);
+            return Ok(());
+        }
         st.requests.push(Request {
             kind,
             path_query: path_query.clone(),
@@ -416,7 +422,9 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             Some(t) => authorization.as_deref() == Some(&format!("Bearer {t}")),
         };
         let path_ok = path_query.split('?').next() == Some(st.path.as_str());
-        (fault, token_ok, path_ok)
+        // Captured together with the listening check: a go_down() after this point changes
+        // the generation and ends the stream.
+        (fault, token_ok, path_ok, st.generation)
     };
     match &fault {
         Some(Fault::Status { code, retry_after }) => {
@@ -453,7 +461,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
     match kind {
         Kind::List => serve_list(s, shared, &path_query),
-        Kind::Watch => serve_watch(s, shared, &path_query, fault),
+        Kind::Watch => serve_watch(s, shared, &path_query, fault, generation),
     }
 }
 
@@ -486,6 +494,7 @@ fn serve_watch(
     shared: &Shared,
     path_query: &str,
     fault: Option<Fault>,
+    generation: u64,
 ) -> std::io::Result<()> {
     let from: u64 = query_param(path_query, "resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -502,8 +511,13 @@ fn serve_watch(
          Connection: close\r\n\r\n"
     )?;
     s.flush()?;
-    let generation = {
+    {
         let st = lock(&shared.state);
+        if st.generation != generation {
+            drop(st);
+            reset(s);
+            return Ok(());
+        }
         if from < st.history_start {
             drop(st);
             // As kube-apiserver after a restart: HTTP 200, one ERROR event, end of stream.
@@ -514,8 +528,7 @@ fn serve_watch(
             chunk(&mut s, format!("{err}\n").as_bytes())?;
             return chunk(&mut s, b"");
         }
-        st.generation
-    };
+    }
     if let Some(Fault::Stall) = fault {
         // Nothing until the client hangs up (or the test ends).
         s.set_read_timeout(Some(Duration::from_millis(50)))?;

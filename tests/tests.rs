@@ -18,3 +18,9 @@ mod apiserver;
 mod kube_watch;
 // TLS of the kube client against `openssl s_server`: CA, client certificate, fail closed.
 mod kube_tls;
+// Netlink layer against a real kernel in throwaway network namespaces (root; #[ignore]d).
+mod netns;
+// Stateful fake API server (nodes, list + watch, outages) for end-to-end tests and the demo.
+mod fakeapi;
+// End to end: three netns nodes running the real binary against the fake API server (root; #[ignore]d).
+mod e2e;

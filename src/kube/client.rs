@@ -41,9 +41,12 @@ use super::types::Status;
 /// Tunables of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// TCP connect plus TLS handshake limit, and the DNS resolution limit. Kept short: ureq's
-    /// `Agent::shutdown` cannot interrupt a connect in progress, so this bounds how long a stop
-    /// can take while the server's address is black-holed.
+    /// TCP connect plus TLS handshake limit, and the DNS resolution limit (5 s by default).
+    /// ureq's `Agent::shutdown` interrupts a TLS handshake but not a TCP connect or a DNS
+    /// lookup in progress, so this also bounds how long a stop can take while the server's
+    /// address is black-holed. It is not shorter by default because remote sites (k3s edge
+    /// nodes) can need more than a second or two for TCP plus TLS; lower it if a strict stop
+    /// deadline matters more.
     pub connect_timeout: Duration,
     /// Per-read timeout of non-watch requests (lists, [`Client::get_json`]).
     pub read_timeout: Duration,
@@ -56,7 +59,7 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
-            connect_timeout: Duration::from_millis(1500),
+            connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(60),
             max_body: 256 << 20,
             token_reread: Duration::from_secs(60),

@@ -1,0 +1,422 @@
+//! [`NetlinkKernel`]: the [`Kernel`] implementation over rtnetlink and generic netlink.
+//!
+//! Shell module: it reads with one dump per object type (SPEC P-2), sends what the plan says, in
+//! the plan's order, batched where the order allows (SPEC P-1), and reports per op. What to do is
+//! decided by the planner; the only choices made here are the error semantics of SPEC T-10:
+//!
+//! * `CreateTunnel` answered with EEXIST: the links are read again. Our own link with exactly the
+//!   wanted attributes (and up) is success; anything else is reported as a clash, naming the link
+//!   that holds the name or the address pair and whether it is foreign. Nothing is deleted.
+//! * Deletes answered with ENOENT, ESRCH or ENODEV are success: the object is already gone.
+//! * `AddRule` answered with EEXIST is success when the identical rule (our protocol included)
+//!   exists.
+//! * FOU: adding a port that exists (EEXIST, EALREADY, EADDRINUSE) is success when the same GUE
+//!   port is open; deleting one that is not there is success (the kernel answers EINVAL for an
+//!   unknown port, so the ports are read again to tell the cases apart).
+//!
+//! Routes name their device; the ifindex comes from the link list of the last dump. When a route
+//! names a device the list does not know and links were created since that dump, the requests
+//! queued so far are sent and the links are dumped once more.
+
+use std::collections::HashMap;
+
+use super::fou::{fou_add, fou_del, fou_dump, parse_fou_port, FOU_GENL_NAME};
+use super::genl::Genl;
+use super::rtnl::{
+    addr_dump, link_change, link_create, link_delete, link_delete_group, link_dump, link_set_up,
+    parse_addr, parse_link, parse_route, parse_rule, route_delete, route_dump, route_replace,
+    rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE,
+};
+use super::socket::{NetlinkError, NlSocket, Request, NETLINK_ROUTE};
+use crate::apply::{Kernel, KernelError};
+use crate::model::{Actual, Addr, FouPort, Link, NextHop, Op, Ownership, Route, Rule, Tunnel};
+
+/// The kernel, reached over netlink sockets of the calling thread's network namespace.
+#[derive(Debug)]
+pub struct NetlinkKernel {
+    route: NlSocket,
+    genl: Genl,
+    /// Link name → ifindex, from the last link dump.
+    index: HashMap<String, u32>,
+    /// Links were created since `index` was filled (or it never was).
+    index_stale: bool,
+}
+
+fn kerr(op: impl Into<String>, e: &NetlinkError) -> KernelError {
+    KernelError {
+        op: op.into(),
+        errno: e.errno(),
+        msg: e.message(),
+    }
+}
+
+fn clash(op: &Op, msg: String) -> KernelError {
+    KernelError {
+        op: op.to_string(),
+        errno: libc::EEXIST,
+        msg,
+    }
+}
+
+/// What to do with one queued request's result.
+struct Pending {
+    op: usize,
+    req: Request,
+}
+
+impl NetlinkKernel {
+    /// Opens the rtnetlink and generic netlink sockets.
+    pub fn open() -> Result<NetlinkKernel, KernelError> {
+        let route = NlSocket::open(NETLINK_ROUTE).map_err(|e| kerr("open rtnetlink socket", &e))?;
+        let genl = Genl::open().map_err(|e| kerr("open generic netlink socket", &e))?;
+        Ok(NetlinkKernel {
+            route,
+            genl,
+            index: HashMap::new(),
+            index_stale: true,
+        })
+    }
+
+    /// Dumps all links and refreshes the name → ifindex map.
+    pub fn links(&mut self) -> Result<Vec<Link>, KernelError> {
+        let replies = self
+            .route
+            .dump(&link_dump())
+            .map_err(|e| kerr("dump links", &e))?;
+        let mut links = Vec::with_capacity(replies.len());
+        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
+            match parse_link(&r.payload) {
+                Ok(l) => links.push(l),
+                Err(e) => log::warn!("skipping a link the dump could not decode: {e}"),
+            }
+        }
+        self.index = links.iter().map(|l| (l.name.clone(), l.index)).collect();
+        self.index_stale = false;
+        Ok(links)
+    }
+
+    /// Dumps all addresses.
+    pub fn addrs(&mut self) -> Result<Vec<Addr>, KernelError> {
+        let replies = self
+            .route
+            .dump(&addr_dump())
+            .map_err(|e| kerr("dump addresses", &e))?;
+        let mut out = Vec::with_capacity(replies.len());
+        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWADDR) {
+            match parse_addr(&r.payload) {
+                Ok(Some(a)) => out.push(a),
+                Ok(None) => {}
+                Err(e) => log::warn!("skipping an address the dump could not decode: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dumps the routes of `protocol` in every table and family; `links` names the devices.
+    pub fn routes(&mut self, protocol: u8, links: &[Link]) -> Result<Vec<Route>, KernelError> {
+        let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
+        let replies = self
+            .route
+            .dump(&route_dump(protocol))
+            .map_err(|e| kerr("dump routes", &e))?;
+        let mut out = Vec::new();
+        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWROUTE) {
+            match parse_route(&r.payload, &names) {
+                Ok(Some(route)) if route.protocol == protocol => out.push(route),
+                Ok(_) => {}
+                Err(e) => log::warn!("skipping a route the dump could not decode: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dumps the rules of `protocol` of every family.
+    pub fn rules(&mut self, protocol: u8) -> Result<Vec<Rule>, KernelError> {
+        let replies = self
+            .route
+            .dump(&rule_dump())
+            .map_err(|e| kerr("dump rules", &e))?;
+        let mut out = Vec::new();
+        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWRULE) {
+            match parse_rule(&r.payload) {
+                Ok(Some(rule)) if rule.protocol == protocol => out.push(rule),
+                Ok(_) => {}
+                Err(e) => log::warn!("skipping a rule the dump could not decode: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dumps the FOU ports of both families. A kernel without the "fou" family has none.
+    pub fn fou_ports(&mut self) -> Result<Vec<FouPort>, KernelError> {
+        let replies = match self.genl.dump(FOU_GENL_NAME, fou_dump) {
+            Ok(r) => r,
+            Err(e) if e.errno() == libc::ENOENT => {
+                log::debug!("no fou family (module not loaded?): no FOU ports");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(kerr("dump fou ports", &e)),
+        };
+        let mut out = Vec::new();
+        for r in &replies {
+            match parse_fou_port(&r.payload) {
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
+                Err(e) => log::warn!("skipping a fou port the dump could not decode: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every link of `group` in one request (see [`link_delete_group`]); an empty group
+    /// is success. Meant for `kr-tunneld cleanup`, with the group of [`Ownership::link_group`].
+    pub fn delete_link_group(&mut self, group: u32) -> Result<(), KernelError> {
+        match self.route.request(&link_delete_group(group)) {
+            Ok(_) => {
+                self.index_stale = true;
+                log::info!("delete link group {group}");
+                Ok(())
+            }
+            Err(e) if e.errno() == libc::ENODEV => Ok(()),
+            Err(e) => Err(kerr(format!("delete link group {group}"), &e)),
+        }
+    }
+
+    /// Sends the queued requests as one batch and records each outcome.
+    fn flush(
+        &mut self,
+        own: &Ownership,
+        ops: &[Op],
+        pending: &mut Vec<Pending>,
+        failed: &mut Vec<(usize, KernelError)>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let reqs: Vec<Request> = pending.iter().map(|p| p.req.clone()).collect();
+        let results = self.route.batch(&reqs);
+        for (p, res) in pending.drain(..).zip(results) {
+            let op = &ops[p.op];
+            let outcome = match res {
+                Ok(()) => Ok(()),
+                Err(e) => self.settle(own, op, &e),
+            };
+            match outcome {
+                Ok(()) => log::info!("{op}"),
+                Err(e) => failed.push((p.op, e)),
+            }
+        }
+    }
+
+    /// Applies SPEC T-10 to a failed rtnetlink op: `Ok` when the failure means the wanted state
+    /// already holds.
+    fn settle(&mut self, own: &Ownership, op: &Op, e: &NetlinkError) -> Result<(), KernelError> {
+        let errno = e.errno();
+        match op {
+            Op::CreateTunnel(t) if errno == libc::EEXIST => self.create_exists(own, op, t),
+            Op::DeleteTunnel { .. } | Op::DeleteRoute(_) | Op::DeleteRule(_)
+                if matches!(errno, libc::ENOENT | libc::ESRCH | libc::ENODEV) =>
+            {
+                log::debug!("{op}: already gone");
+                Ok(())
+            }
+            Op::AddRule(r) if errno == libc::EEXIST => {
+                if self.rules(r.protocol)?.contains(r) {
+                    log::debug!("{op}: already present");
+                    Ok(())
+                } else {
+                    Err(clash(
+                        op,
+                        "a rule with the same selector exists with another protocol".into(),
+                    ))
+                }
+            }
+            _ => Err(kerr(op.to_string(), e)),
+        }
+    }
+
+    /// EEXIST on create: compare with what holds the name or the address pair.
+    fn create_exists(&mut self, own: &Ownership, op: &Op, t: &Tunnel) -> Result<(), KernelError> {
+        let links = self.links()?;
+        if let Some(l) = links.iter().find(|l| l.name == t.name) {
+            if !own.owns_link(l) {
+                return Err(clash(
+                    op,
+                    format!(
+                        "link {} exists and is not ours (kind {:?}, group {})",
+                        l.name, l.kind, l.group
+                    ),
+                ));
+            }
+            if l.tunnel.as_ref() == Some(t) && l.up {
+                log::debug!("{op}: already present");
+                return Ok(());
+            }
+            return Err(clash(
+                op,
+                format!(
+                    "our link {} exists with other attributes: {:?}",
+                    l.name, l.tunnel
+                ),
+            ));
+        }
+        let same_pair = links.iter().find(|l| {
+            l.tunnel
+                .as_ref()
+                .is_some_and(|x| x.family == t.family && x.local == t.local && x.remote == t.remote)
+        });
+        match same_pair {
+            Some(l) => Err(clash(
+                op,
+                format!(
+                    "{} link {} already tunnels {} to {}",
+                    if own.owns_link(l) { "our" } else { "foreign" },
+                    l.name,
+                    t.local,
+                    t.remote
+                ),
+            )),
+            None => Err(clash(
+                op,
+                "exists (no link holds the name or the address pair)".into(),
+            )),
+        }
+    }
+
+    /// The ifindex of `name`, dumping the links again once if they changed since the last dump.
+    fn resolve(
+        &mut self,
+        own: &Ownership,
+        ops: &[Op],
+        name: &str,
+        pending: &mut Vec<Pending>,
+        failed: &mut Vec<(usize, KernelError)>,
+    ) -> Result<Option<u32>, KernelError> {
+        if let Some(i) = self.index.get(name) {
+            return Ok(Some(*i));
+        }
+        if !self.index_stale {
+            return Ok(None);
+        }
+        self.flush(own, ops, pending, failed);
+        self.links()?;
+        Ok(self.index.get(name).copied())
+    }
+
+    fn fou_op(&mut self, op: &Op, p: &FouPort, add: bool) -> Result<(), KernelError> {
+        let res = if add {
+            self.genl.request(FOU_GENL_NAME, |id| fou_add(id, p))
+        } else {
+            self.genl.request(FOU_GENL_NAME, |id| fou_del(id, p))
+        };
+        let Err(e) = res else { return Ok(()) };
+        let errno = e.errno();
+        let settles = if add {
+            matches!(errno, libc::EEXIST | libc::EALREADY | libc::EADDRINUSE)
+        } else {
+            matches!(errno, libc::EINVAL | libc::ENOENT)
+        };
+        if !settles {
+            return Err(kerr(op.to_string(), &e));
+        }
+        let ports = self.fou_ports()?;
+        let same = |q: &&FouPort| q.family == p.family && q.port == p.port;
+        match (add, ports.iter().find(same)) {
+            (true, Some(q)) if q.gue == p.gue => Ok(()),
+            (true, Some(_)) => Err(clash(
+                op,
+                "the port is open with another encapsulation".into(),
+            )),
+            (false, None) => Ok(()),
+            _ => Err(kerr(op.to_string(), &e)),
+        }
+    }
+}
+
+impl Kernel for NetlinkKernel {
+    fn read(&mut self, own: &Ownership) -> Result<Actual, KernelError> {
+        let links = self.links()?;
+        let addrs = self.addrs()?;
+        let routes = self.routes(own.protocol, &links)?;
+        let rules = self.rules(own.protocol)?;
+        let fou = self.fou_ports()?;
+        Ok(Actual {
+            links,
+            addrs,
+            routes,
+            rules,
+            fou,
+        })
+    }
+
+    fn apply(&mut self, own: &Ownership, ops: &[Op]) -> Vec<(usize, KernelError)> {
+        let mut failed = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let req = match op {
+                Op::AddFouPort(p) | Op::DelFouPort(p) => {
+                    // Another socket: keep the order by sending what is queued first.
+                    self.flush(own, ops, &mut pending, &mut failed);
+                    match self.fou_op(op, p, matches!(op, Op::AddFouPort(_))) {
+                        Ok(()) => log::info!("{op}"),
+                        Err(e) => failed.push((i, e)),
+                    }
+                    continue;
+                }
+                Op::CreateTunnel(t) => {
+                    self.index_stale = true;
+                    link_create(t, own.link_group)
+                }
+                Op::ChangeTunnel { index, want } => link_change(*index, want),
+                Op::SetUp { index, .. } => link_set_up(*index),
+                Op::DeleteTunnel { index, name } => {
+                    self.index.remove(name);
+                    link_delete(*index)
+                }
+                Op::ReplaceRoute(r) | Op::DeleteRoute(r) => {
+                    let oif = match &r.nexthop {
+                        NextHop::Dev(name) => {
+                            match self.resolve(own, ops, name, &mut pending, &mut failed) {
+                                Ok(oif) => oif,
+                                Err(e) => {
+                                    failed.push((
+                                        i,
+                                        KernelError {
+                                            op: op.to_string(),
+                                            ..e
+                                        },
+                                    ));
+                                    continue;
+                                }
+                            }
+                        }
+                        NextHop::Via(_) => None,
+                    };
+                    match (op, oif, &r.nexthop) {
+                        (Op::ReplaceRoute(_), None, NextHop::Dev(name)) => {
+                            failed.push((
+                                i,
+                                KernelError {
+                                    op: op.to_string(),
+                                    errno: libc::ENODEV,
+                                    msg: format!("no link named {name}"),
+                                },
+                            ));
+                            continue;
+                        }
+                        (Op::ReplaceRoute(_), ..) => route_replace(r, oif),
+                        // Without the device (gone or unknown) the delete matches destination,
+                        // table, type and our protocol only.
+                        _ => route_delete(r, oif),
+                    }
+                }
+                Op::AddRule(r) => rule_add(r),
+                Op::DeleteRule(r) => rule_delete(r),
+            };
+            pending.push(Pending { op: i, req });
+        }
+        self.flush(own, ops, &mut pending, &mut failed);
+        failed.sort_by_key(|(i, _)| *i);
+        failed
+    }
+}
