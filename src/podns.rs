@@ -22,13 +22,14 @@
 //! Needs CAP_SYS_ADMIN (setns), CAP_NET_ADMIN, and to see other users' `/proc/<pid>/ns/net`
 //! CAP_SYS_PTRACE (or rely on `/run/netns`).
 //!
-//! # The transport
+//! # Messages
 //!
-//! The netlink socket layer (`netlink::socket`) is being written in parallel; this module talks
-//! to it through the small [`Netlink`] trait (request/ack and dump of a message that
-//! [`Msg`] describes like `socket::Request`), so plugging the real socket in is one adapter.
+//! Routes, rules, link and address dumps and FOU use the builders of [`crate::netlink::rtnl`] and
+//! [`crate::netlink::fou`]; what only pods need (a receive link with remote any, VIP addresses,
+//! per-device `rp_filter`, the netconf dump, and a route parser that keeps the main table's
+//! default routes with their device and metric) is built and parsed here.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::net::IpAddr;
@@ -37,7 +38,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use netlink_packet_core::{DefaultNla, Emitable, NlasIterator, Parseable, ParseableParametrized};
+use netlink_packet_core::{DefaultNla, Emitable, NlasIterator, ParseableParametrized};
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeader, AddressHeaderFlags, AddressMessage, AddressScope,
 };
@@ -45,79 +46,26 @@ use netlink_packet_route::link::{
     InfoData, InfoIpTunnel, InfoKind, LinkAttribute, LinkFlags, LinkHeader, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
 };
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleHeader, RuleMessage};
 use netlink_packet_route::{AddressFamily, IpProtocol};
 
 use crate::apply::KernelError;
 use crate::dsr::{self, Diag, PodLink, PodNs, PodOp, PodWant, Settings};
-use crate::model::{Addr, Family, FouPort, NextHop, Route, RouteKind, Rule};
-pub use crate::netlink::ipvs::TransportError;
-
-// ---------------------------------------------------------------------------------------------
-// Transport
-
-/// One request without its `nlmsghdr`, as `netlink::socket::Request`: the socket adds length,
-/// sequence number, port ID and `NLM_F_REQUEST` plus `NLM_F_ACK` or `NLM_F_DUMP`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Msg {
-    /// `nlmsg_type`: an `RTM_*` value or a generic netlink family ID.
-    pub msg_type: u16,
-    /// Request-specific flags (`NLM_F_CREATE`, `NLM_F_EXCL`, `NLM_F_REPLACE`).
-    pub flags: u16,
-    /// Everything after `nlmsghdr`.
-    pub payload: Vec<u8>,
-}
-
-impl Msg {
-    fn new(msg_type: u16, flags: u16, body: &impl Emitable) -> Msg {
-        let mut payload = vec![0; body.buffer_len()];
-        body.emit(&mut payload);
-        Msg {
-            msg_type,
-            flags,
-            payload,
-        }
-    }
-}
-
-/// A netlink socket of one protocol (`NETLINK_ROUTE` or `NETLINK_GENERIC`) in one namespace.
-pub trait Netlink {
-    /// Sends `m` with `NLM_F_ACK` and waits for the ack.
-    fn request(&mut self, m: &Msg) -> Result<(), TransportError>;
-    /// Sends `m` with `NLM_F_DUMP` and returns every reply's payload (after `nlmsghdr`).
-    fn dump(&mut self, m: &Msg) -> Result<Vec<Vec<u8>>, TransportError>;
-}
-
-/// Opens sockets inside the calling thread's network namespace (called on the per-namespace
-/// thread after `setns`).
-pub trait Opener: Sync {
-    /// The socket type.
-    type Socket: Netlink;
-    /// A `NETLINK_ROUTE` socket.
-    fn route(&self) -> Result<Self::Socket, TransportError>;
-    /// A `NETLINK_GENERIC` socket.
-    fn generic(&self) -> Result<Self::Socket, TransportError>;
-}
+use crate::model::{Family, Route};
+use crate::netlink::fou::{self, FOU_GENL_NAME};
+use crate::netlink::genl::Genl;
+use crate::netlink::rtnl;
+use crate::netlink::socket::{NetlinkError, NlSocket, Reply, Request, NETLINK_ROUTE};
 
 // ---------------------------------------------------------------------------------------------
 // Wire format (pure builders and parsers)
 
 // uapi <linux/rtnetlink.h>.
 const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
-const RTM_GETADDR: u16 = 22;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-const RTM_GETRULE: u16 = 34;
 const RTM_GETNETCONF: u16 = 82;
 const RT_TABLE_MAIN: u32 = 254;
 // uapi <linux/netlink.h>.
@@ -133,20 +81,6 @@ const IPV4_DEVCONF_RP_FILTER: u16 = 8;
 const NETCONFA_IFINDEX: u16 = 1;
 const NETCONFA_RP_FILTER: u16 = 3;
 const NETCONFA_IFINDEX_ALL: i32 = -1;
-// uapi <linux/genetlink.h>: nlctrl.
-const GENL_ID_CTRL: u16 = 0x10;
-const CTRL_CMD_GETFAMILY: u8 = 3;
-const CTRL_ATTR_FAMILY_ID: u16 = 1;
-const CTRL_ATTR_FAMILY_NAME: u16 = 2;
-// uapi <linux/fou.h>.
-const FOU_GENL_VERSION: u8 = 1;
-const FOU_CMD_ADD: u8 = 1;
-const FOU_CMD_DEL: u8 = 2;
-const FOU_CMD_GET: u8 = 3;
-const FOU_ATTR_PORT: u16 = 1;
-const FOU_ATTR_AF: u16 = 2;
-const FOU_ATTR_TYPE: u16 = 4;
-const FOU_ENCAP_GUE: u8 = 2;
 
 fn af(f: Family) -> AddressFamily {
     match f {
@@ -173,30 +107,15 @@ fn nested(kind: u16, inner: &[DefaultNla]) -> DefaultNla {
     DefaultNla::new(kind, v)
 }
 
-/// Dump of all links (with their `IFLA_AF_SPEC`, which carries the IPv4 devconf).
-pub fn link_dump() -> Msg {
-    Msg::new(RTM_GETLINK, 0, &LinkMessage::default())
-}
-
-/// Dump of all addresses.
-pub fn addr_dump() -> Msg {
-    Msg::new(RTM_GETADDR, 0, &AddressMessage::default())
-}
-
 /// Dump of all routes (both families, every table).
-pub fn route_dump() -> Msg {
-    Msg::new(RTM_GETROUTE, 0, &RouteMessage::default())
-}
-
-/// Dump of all rules (both families).
-pub fn rule_dump() -> Msg {
-    Msg::new(RTM_GETRULE, 0, &RuleMessage::default())
+pub fn route_dump() -> Request {
+    Request::new(RTM_GETROUTE, 0, &RouteMessage::default())
 }
 
 /// Dump of the IPv4 netconf entries (per device, plus `all` and `default`): `struct netconfmsg`
 /// is one byte, padded to 4.
-pub fn netconf_dump() -> Msg {
-    Msg {
+pub fn netconf_dump() -> Request {
+    Request {
         msg_type: RTM_GETNETCONF,
         flags: 0,
         payload: vec![libc::AF_INET as u8, 0, 0, 0],
@@ -205,7 +124,7 @@ pub fn netconf_dump() -> Msg {
 
 /// Creates the receive link: `ip link add NAME type ipip local POD remote 0.0.0.0` (or
 /// `ip6tnl mode ip6ip6 local POD remote ::`), in our link group, up.
-pub fn link_create(name: &str, family: Family, local: IpAddr, group: u32) -> Msg {
+pub fn link_create(name: &str, family: Family, local: IpAddr, group: u32) -> Request {
     let (kind, proto, any) = match family {
         Family::V4 => (InfoKind::IpIp, IpProtocol::Ipip, IpAddr::from([0u8; 4])),
         Family::V6 => (InfoKind::Ip6Tnl, IpProtocol::Ipv6, IpAddr::from([0u8; 16])),
@@ -223,29 +142,13 @@ pub fn link_create(name: &str, family: Family, local: IpAddr, group: u32) -> Msg
             InfoIpTunnel::Protocol(proto),
         ])),
     ]));
-    Msg::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &m)
-}
-
-/// Sets a link up.
-pub fn link_set_up(index: u32) -> Msg {
-    let mut m = LinkMessage::default();
-    m.header.index = index;
-    m.header.flags = LinkFlags::Up;
-    m.header.change_mask = LinkFlags::Up;
-    Msg::new(RTM_NEWLINK, 0, &m)
-}
-
-/// Deletes a link.
-pub fn link_delete(index: u32) -> Msg {
-    let mut m = LinkMessage::default();
-    m.header.index = index;
-    Msg::new(RTM_DELLINK, 0, &m)
+    Request::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &m)
 }
 
 /// Sets the link's IPv4 `rp_filter` to 0: `IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF {
 /// [IPV4_DEVCONF_RP_FILTER] = 0 } } }`, raw, because netlink-packet-route's `DevConfRequest`
 /// leaves zero values out.
-pub fn link_rp_filter_off(index: u32) -> Msg {
+pub fn link_rp_filter_off(index: u32) -> Request {
     let conf = nested(
         IFLA_INET_CONF,
         &[nla(IPV4_DEVCONF_RP_FILTER, 0u32.to_ne_bytes().to_vec())],
@@ -255,7 +158,7 @@ pub fn link_rp_filter_off(index: u32) -> Msg {
     let mut m = LinkMessage::default();
     m.header.index = index;
     m.attributes.push(LinkAttribute::Other(spec));
-    Msg::new(RTM_NEWLINK, 0, &m)
+    Request::new(RTM_NEWLINK, 0, &m)
 }
 
 fn addr_msg(index: u32, addr: &IpNet) -> AddressMessage {
@@ -285,8 +188,8 @@ fn addr_msg(index: u32, addr: &IpNet) -> AddressMessage {
 }
 
 /// Adds an address (`ip addr add VIP/32 dev kt-dsr scope link`, or `VIP/128 nodad`).
-pub fn addr_add(index: u32, addr: &IpNet) -> Msg {
-    Msg::new(
+pub fn addr_add(index: u32, addr: &IpNet) -> Request {
+    Request::new(
         RTM_NEWADDR,
         NLM_F_CREATE | NLM_F_REPLACE,
         &addr_msg(index, addr),
@@ -294,190 +197,8 @@ pub fn addr_add(index: u32, addr: &IpNet) -> Msg {
 }
 
 /// Deletes an address.
-pub fn addr_del(index: u32, addr: &IpNet) -> Msg {
-    Msg::new(RTM_DELADDR, 0, &addr_msg(index, addr))
-}
-
-fn route_addr(ip: IpAddr) -> RouteAddress {
-    match ip {
-        IpAddr::V4(a) => RouteAddress::Inet(a),
-        IpAddr::V6(a) => RouteAddress::Inet6(a),
-    }
-}
-
-fn route_msg(r: &Route, oif: Option<u32>, full: bool) -> RouteMessage {
-    let mut m = RouteMessage::default();
-    m.header = RouteHeader {
-        address_family: af(r.family()),
-        destination_prefix_length: r.dst.prefix_len(),
-        table: u8::try_from(r.table).unwrap_or(0),
-        protocol: RouteProtocol::from(r.protocol),
-        kind: match r.kind {
-            RouteKind::Local => RouteType::Local,
-            _ => RouteType::Unicast,
-        },
-        scope: if !full {
-            RouteScope::NoWhere
-        } else if r.kind == RouteKind::Local {
-            RouteScope::Host
-        } else if matches!(r.nexthop, NextHop::Dev(_)) && r.family() == Family::V4 {
-            RouteScope::Link
-        } else {
-            RouteScope::Universe
-        },
-        ..RouteHeader::default()
-    };
-    m.attributes
-        .push(RouteAttribute::Destination(route_addr(r.dst.network())));
-    m.attributes.push(RouteAttribute::Table(r.table));
-    if let NextHop::Via(g) = r.nexthop {
-        m.attributes.push(RouteAttribute::Gateway(route_addr(g)));
-    }
-    if let Some(oif) = oif {
-        m.attributes.push(RouteAttribute::Oif(oif));
-    }
-    if full {
-        if let Some(mss) = r.advmss {
-            m.attributes
-                .push(RouteAttribute::Metrics(vec![RouteMetric::Advmss(mss)]));
-        }
-    }
-    m
-}
-
-/// Creates or replaces a route (`ip route replace default via GW dev eth0 table 78 advmss N
-/// proto P`).
-pub fn route_replace(r: &Route, oif: Option<u32>) -> Msg {
-    Msg::new(
-        RTM_NEWROUTE,
-        NLM_F_CREATE | NLM_F_REPLACE,
-        &route_msg(r, oif, true),
-    )
-}
-
-/// Deletes a route (destination, table, type and protocol match).
-pub fn route_delete(r: &Route) -> Msg {
-    Msg::new(RTM_DELROUTE, 0, &route_msg(r, None, false))
-}
-
-fn rule_msg(r: &Rule) -> RuleMessage {
-    let mut m = RuleMessage::default();
-    m.header = RuleHeader {
-        family: af(r.family),
-        src_len: r.src.map_or(0, |n| n.prefix_len()),
-        dst_len: r.dst.map_or(0, |n| n.prefix_len()),
-        table: u8::try_from(r.table).unwrap_or(0),
-        action: RuleAction::ToTable,
-        ..RuleHeader::default()
-    };
-    m.attributes.push(RuleAttribute::Priority(r.priority));
-    if let Some(s) = r.src {
-        m.attributes.push(RuleAttribute::Source(s.network()));
-    }
-    if let Some(d) = r.dst {
-        m.attributes.push(RuleAttribute::Destination(d.network()));
-    }
-    m.attributes.push(RuleAttribute::Table(r.table));
-    m.attributes
-        .push(RuleAttribute::Protocol(RouteProtocol::from(r.protocol)));
-    m
-}
-
-/// Adds a rule (`ip rule add from VIP lookup 78 pref P proto N`).
-pub fn rule_add(r: &Rule) -> Msg {
-    Msg::new(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &rule_msg(r))
-}
-
-/// Deletes a rule.
-pub fn rule_delete(r: &Rule) -> Msg {
-    Msg::new(RTM_DELRULE, 0, &rule_msg(r))
-}
-
-fn genl(family_id: u16, cmd: u8, version: u8, attrs: &[DefaultNla]) -> Msg {
-    let mut payload = vec![cmd, version, 0, 0];
-    let mut a = vec![0; attrs.buffer_len()];
-    attrs.emit(&mut a);
-    payload.extend(a);
-    Msg {
-        msg_type: family_id,
-        flags: 0,
-        payload,
-    }
-}
-
-/// nlctrl `CTRL_CMD_GETFAMILY` for `name` (answered with one message, read as a dump of one).
-pub fn genl_family(name: &str) -> Msg {
-    let mut n = name.as_bytes().to_vec();
-    n.push(0);
-    genl(
-        GENL_ID_CTRL,
-        CTRL_CMD_GETFAMILY,
-        1,
-        &[nla(CTRL_ATTR_FAMILY_NAME, n)],
-    )
-}
-
-/// The family ID in an nlctrl reply.
-pub fn parse_family_id(payload: &[u8]) -> Option<u16> {
-    attrs(payload.get(4..)?)
-        .find(|(k, _)| *k == CTRL_ATTR_FAMILY_ID)
-        .and_then(|(_, v)| Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?)))
-}
-
-/// `ip fou add port P gue` (`-6` for IPv6). Never FOU_ATTR_IPPROTO with GUE (SPEC T-7).
-pub fn fou_add(family_id: u16, p: &FouPort) -> Msg {
-    genl(
-        family_id,
-        FOU_CMD_ADD,
-        FOU_GENL_VERSION,
-        &[
-            nla(FOU_ATTR_PORT, p.port.to_be_bytes().to_vec()),
-            nla(FOU_ATTR_AF, vec![p.family.af()]),
-            nla(FOU_ATTR_TYPE, vec![FOU_ENCAP_GUE]),
-        ],
-    )
-}
-
-/// `ip fou del port P` (`-6` for IPv6).
-pub fn fou_del(family_id: u16, p: &FouPort) -> Msg {
-    genl(
-        family_id,
-        FOU_CMD_DEL,
-        FOU_GENL_VERSION,
-        &[
-            nla(FOU_ATTR_PORT, p.port.to_be_bytes().to_vec()),
-            nla(FOU_ATTR_AF, vec![p.family.af()]),
-        ],
-    )
-}
-
-/// Dump of the FOU ports.
-pub fn fou_dump(family_id: u16) -> Msg {
-    genl(family_id, FOU_CMD_GET, FOU_GENL_VERSION, &[])
-}
-
-/// A FOU port from a dump reply.
-pub fn parse_fou(payload: &[u8]) -> Option<FouPort> {
-    let (mut port, mut family, mut gue) = (None, None, false);
-    for (k, v) in attrs(payload.get(4..)?) {
-        match k {
-            FOU_ATTR_PORT => port = Some(u16::from_be_bytes(v.get(..2)?.try_into().ok()?)),
-            FOU_ATTR_AF => {
-                family = match i32::from(*v.first()?) {
-                    libc::AF_INET => Some(Family::V4),
-                    libc::AF_INET6 => Some(Family::V6),
-                    _ => None,
-                }
-            }
-            FOU_ATTR_TYPE => gue = v.first() == Some(&FOU_ENCAP_GUE),
-            _ => {}
-        }
-    }
-    Some(FouPort {
-        family: family?,
-        port: port?,
-        gue,
-    })
+pub fn addr_del(index: u32, addr: &IpNet) -> Request {
+    Request::new(RTM_DELADDR, 0, &addr_msg(index, addr))
 }
 
 /// (type without flags, value) of each attribute; stops at the first malformed one.
@@ -559,24 +280,6 @@ pub fn parse_link(payload: &[u8]) -> Option<PodLink> {
     Some(l)
 }
 
-/// An address from a dump reply (`IFA_LOCAL`, else `IFA_ADDRESS`).
-pub fn parse_addr(payload: &[u8]) -> Option<Addr> {
-    let h = AddressHeader::parse(payload).ok()?;
-    let (mut local, mut address) = (None, None);
-    for n in NlasIterator::new(payload.get(8..)?).map_while(|n| n.ok()) {
-        match AddressAttribute::parse(&n) {
-            Ok(AddressAttribute::Local(a)) => local = Some(a),
-            Ok(AddressAttribute::Address(a)) => address = Some(a),
-            _ => {}
-        }
-    }
-    let ip = local.or(address)?;
-    Some(Addr {
-        index: h.index,
-        addr: IpNet::new(ip, h.prefix_len).ok()?,
-    })
-}
-
 /// What a route dump entry is to the pod planner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParsedRoute {
@@ -589,7 +292,7 @@ pub enum ParsedRoute {
 }
 
 /// Classifies a route from a dump reply. `names` maps ifindex to link name.
-pub fn parse_route(payload: &[u8], protocol: u8, names: &BTreeMap<u32, String>) -> ParsedRoute {
+pub fn parse_route(payload: &[u8], protocol: u8, names: &HashMap<u32, String>) -> ParsedRoute {
     let Ok(h) = RouteHeader::parse(payload) else {
         return ParsedRoute::Other;
     };
@@ -597,8 +300,7 @@ pub fn parse_route(payload: &[u8], protocol: u8, names: &BTreeMap<u32, String>) 
         return ParsedRoute::Other;
     };
     let mut table = u32::from(h.table);
-    let (mut dst, mut gw, mut oif, mut advmss, mut prio, mut multipath) =
-        (None, None, None, None, 0, false);
+    let (mut gw, mut oif, mut prio, mut multipath) = (None, None, 0, false);
     let param = (
         h.address_family,
         h.kind,
@@ -615,49 +317,18 @@ pub fn parse_route(payload: &[u8], protocol: u8, names: &BTreeMap<u32, String>) 
         };
         match a {
             RouteAttribute::Table(t) => table = t,
-            RouteAttribute::Destination(a) => dst = ip(a),
             RouteAttribute::Gateway(a) => gw = ip(a),
             RouteAttribute::Oif(i) => oif = Some(i),
             RouteAttribute::Priority(p) => prio = p,
             RouteAttribute::MultiPath(_) => multipath = true,
-            RouteAttribute::Metrics(ms) => {
-                for m in ms {
-                    if let RouteMetric::Advmss(v) = m {
-                        advmss = Some(v);
-                    }
-                }
-            }
             _ => {}
         }
     }
-    let proto = u8::from(h.protocol);
-    if proto == protocol {
-        let Ok(dst) = IpNet::new(
-            dst.unwrap_or_else(|| dsr::default_net(family).addr()),
-            h.destination_prefix_length,
-        ) else {
-            return ParsedRoute::Other;
+    if u8::from(h.protocol) == protocol {
+        return match rtnl::parse_route(payload, names) {
+            Ok(Some(r)) => ParsedRoute::Owned(r),
+            _ => ParsedRoute::Other,
         };
-        let nexthop = match (gw, oif) {
-            (Some(g), _) => NextHop::Via(g),
-            (None, Some(i)) => {
-                NextHop::Dev(names.get(&i).cloned().unwrap_or_else(|| format!("if{i}")))
-            }
-            (None, None) => NextHop::Dev(String::new()),
-        };
-        return ParsedRoute::Owned(Route {
-            table,
-            dst,
-            nexthop,
-            src: None,
-            protocol: proto,
-            kind: match h.kind {
-                RouteType::Local => RouteKind::Local,
-                RouteType::Unicast => RouteKind::Unicast,
-                other => RouteKind::Other(u8::from(other)),
-            },
-            advmss,
-        });
     }
     if table == RT_TABLE_MAIN
         && h.destination_prefix_length == 0
@@ -676,43 +347,6 @@ pub fn parse_route(payload: &[u8], protocol: u8, names: &BTreeMap<u32, String>) 
         }
     }
     ParsedRoute::Other
-}
-
-/// A rule of ours from a dump reply (`None` for others and for what the model cannot hold).
-pub fn parse_rule(payload: &[u8], protocol: u8) -> Option<Rule> {
-    let h = RuleHeader::parse(payload).ok()?;
-    let family = family_of(h.family)?;
-    if h.action != RuleAction::ToTable {
-        return None;
-    }
-    let mut r = Rule {
-        family,
-        priority: 0,
-        src: None,
-        dst: None,
-        ipproto: None,
-        dport: None,
-        table: u32::from(h.table),
-        protocol: 0,
-    };
-    for n in NlasIterator::new(payload.get(12..)?).map_while(|n| n.ok()) {
-        match RuleAttribute::parse(&n) {
-            Ok(RuleAttribute::Priority(p)) => r.priority = p,
-            Ok(RuleAttribute::Source(ip)) => r.src = IpNet::new(ip, h.src_len).ok(),
-            Ok(RuleAttribute::Destination(ip)) => r.dst = IpNet::new(ip, h.dst_len).ok(),
-            Ok(RuleAttribute::IpProtocol(p)) => r.ipproto = u8::try_from(i32::from(p)).ok(),
-            Ok(RuleAttribute::DestinationPortRange(p)) => {
-                if p.start != p.end {
-                    return None;
-                }
-                r.dport = Some(p.start);
-            }
-            Ok(RuleAttribute::Table(t)) => r.table = t,
-            Ok(RuleAttribute::Protocol(p)) => r.protocol = u8::from(p),
-            _ => {}
-        }
-    }
-    (r.protocol == protocol).then_some(r)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -880,68 +514,79 @@ pub fn converge(
 }
 
 /// [`PodKernel`] over netlink sockets opened in the namespace.
-pub struct NetlinkPod<N: Netlink> {
-    rt: N,
-    genl: Option<N>,
-    fou_id: Option<u16>,
+#[derive(Debug)]
+pub struct NetlinkPod {
+    rt: NlSocket,
+    genl: Genl,
     group: u32,
 }
 
-impl<N: Netlink> NetlinkPod<N> {
-    /// A pod kernel over a route socket and, for FOU, a generic one (the family is resolved
-    /// lazily; without it, FOU ports read as none and FOU ops fail). Links it creates get
-    /// `group` (the ownership mark, `--link-group`).
-    pub fn new(rt: N, genl: Option<N>, group: u32) -> NetlinkPod<N> {
-        NetlinkPod {
-            rt,
-            genl,
-            fou_id: None,
-            group,
-        }
-    }
-
-    fn dump(&mut self, what: &str, m: &Msg) -> Result<Vec<Vec<u8>>, KernelError> {
-        self.rt.dump(m).map_err(|e| KernelError {
-            op: format!("dump {what}"),
-            errno: e.errno,
-            msg: e.msg,
-        })
-    }
-
-    /// The "fou" family ID; `None` when the family is not there (module not loaded).
-    fn fou_family(&mut self) -> Result<Option<u16>, KernelError> {
-        if let Some(id) = self.fou_id {
-            return Ok(Some(id));
-        }
-        let Some(g) = self.genl.as_mut() else {
-            return Ok(None);
-        };
-        match g.dump(&genl_family("fou")) {
-            Ok(replies) => {
-                self.fou_id = replies.iter().find_map(|r| parse_family_id(r));
-                Ok(self.fou_id)
-            }
-            Err(e) if e.errno == libc::ENOENT => Ok(None),
-            Err(e) => Err(KernelError {
-                op: "resolve generic netlink family fou".into(),
-                errno: e.errno,
-                msg: e.msg,
-            }),
-        }
+fn kerr(op: impl Into<String>, e: &NetlinkError) -> KernelError {
+    KernelError {
+        op: op.into(),
+        errno: e.errno(),
+        msg: e.message(),
     }
 }
 
-impl<N: Netlink> PodKernel for NetlinkPod<N> {
+impl NetlinkPod {
+    /// Opens a route and a generic netlink socket in the calling thread's namespace. Links it
+    /// creates get `group` (the ownership mark, `--link-group`).
+    pub fn open(group: u32) -> Result<NetlinkPod, KernelError> {
+        let rt =
+            NlSocket::open(NETLINK_ROUTE).map_err(|e| kerr("open route netlink socket", &e))?;
+        let genl = Genl::open().map_err(|e| kerr("open generic netlink socket", &e))?;
+        Ok(NetlinkPod { rt, genl, group })
+    }
+
+    fn dump(&mut self, what: &str, r: &Request) -> Result<Vec<Reply>, KernelError> {
+        self.rt
+            .dump(r)
+            .map_err(|e| kerr(format!("dump {what}"), &e))
+    }
+
+    /// A link's ifindex: from `ns`, or (created by this plan) from a fresh dump.
+    fn index_of(&mut self, op: &PodOp, ns: &PodNs, name: &str) -> Result<u32, KernelError> {
+        if let Some(l) = ns.links.iter().find(|l| l.name == name) {
+            return Ok(l.index);
+        }
+        self.dump("links", &rtnl::link_dump())?
+            .iter()
+            .filter_map(|r| parse_link(&r.payload))
+            .find(|l| l.name == name)
+            .map(|l| l.index)
+            .ok_or_else(|| KernelError {
+                op: op.to_string(),
+                errno: libc::ENODEV,
+                msg: format!("no link {name}"),
+            })
+    }
+}
+
+/// `Ok` for success and for the errnos that mean "already so".
+fn tolerate(
+    op: &PodOp,
+    r: Result<Vec<Reply>, NetlinkError>,
+    ok: &[i32],
+) -> Result<(), KernelError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if ok.contains(&e.errno()) => Ok(()),
+        Err(e) => Err(kerr(op.to_string(), &e)),
+    }
+}
+
+impl PodKernel for NetlinkPod {
     fn read_basic(&mut self) -> Result<PodNs, KernelError> {
         let links = self
-            .dump("links", &link_dump())?
+            .dump("links", &rtnl::link_dump())?
             .iter()
-            .filter_map(|p| parse_link(p))
+            .filter_map(|r| parse_link(&r.payload))
             .collect();
         let addrs = self
-            .dump("addresses", &addr_dump())?
+            .dump("addresses", &rtnl::addr_dump())?
             .iter()
-            .filter_map(|p| parse_addr(p))
+            .filter_map(|r| rtnl::parse_addr(&r.payload).ok().flatten())
             .collect();
         Ok(PodNs {
             links,
@@ -951,11 +596,11 @@ impl<N: Netlink> PodKernel for NetlinkPod<N> {
     }
 
     fn read_rest(&mut self, ns: &mut PodNs, protocol: u8) -> Result<(), KernelError> {
-        let names: BTreeMap<u32, String> =
+        let names: HashMap<u32, String> =
             ns.links.iter().map(|l| (l.index, l.name.clone())).collect();
         let mut best: BTreeMap<Family, (u32, dsr::DefaultRoute)> = BTreeMap::new();
-        for p in self.dump("routes", &route_dump())? {
-            match parse_route(&p, protocol, &names) {
+        for r in self.dump("routes", &route_dump())? {
+            match parse_route(&r.payload, protocol, &names) {
                 ParsedRoute::Owned(r) => ns.routes.push(r),
                 ParsedRoute::Default(d, prio) => {
                     if best.get(&d.family).is_none_or(|(p, _)| prio < *p) {
@@ -967,112 +612,88 @@ impl<N: Netlink> PodKernel for NetlinkPod<N> {
         }
         ns.defaults = best.into_values().map(|(_, d)| d).collect();
         ns.rules = self
-            .dump("rules", &rule_dump())?
+            .dump("rules", &rtnl::rule_dump())?
             .iter()
-            .filter_map(|p| parse_rule(p, protocol))
+            .filter_map(|r| rtnl::parse_rule(&r.payload).ok().flatten())
+            .filter(|r| r.protocol == protocol)
             .collect();
-        ns.all_rp_filter = match self.rt.dump(&netconf_dump()) {
-            Ok(r) => r.iter().find_map(|p| parse_netconf_all_rp_filter(p)),
-            Err(_) => None,
+        // Best effort: without it, a strict `all` just goes unreported.
+        ns.all_rp_filter = self.rt.dump(&netconf_dump()).ok().and_then(|rs| {
+            rs.iter()
+                .find_map(|r| parse_netconf_all_rp_filter(&r.payload))
+        });
+        ns.fou = match self.genl.dump(FOU_GENL_NAME, fou::fou_dump) {
+            Ok(rs) => rs
+                .iter()
+                .filter_map(|r| fou::parse_fou_port(&r.payload).ok().flatten())
+                .collect(),
+            // The fou module is not loaded: there are no ports.
+            Err(e) if e.errno() == libc::ENOENT => Vec::new(),
+            Err(e) => return Err(kerr("dump fou ports", &e)),
         };
-        if let Some(id) = self.fou_family()? {
-            if let Some(g) = self.genl.as_mut() {
-                ns.fou = g
-                    .dump(&fou_dump(id))
-                    .map_err(|e| KernelError {
-                        op: "dump fou ports".into(),
-                        errno: e.errno,
-                        msg: e.msg,
-                    })?
-                    .iter()
-                    .filter_map(|p| parse_fou(p))
-                    .collect();
-            }
-        }
         Ok(())
     }
 
     fn apply(&mut self, op: &PodOp, ns: &PodNs) -> Result<(), KernelError> {
-        let fail = |e: TransportError| KernelError {
-            op: op.to_string(),
-            errno: e.errno,
-            msg: e.msg,
-        };
-        let no_link = |name: &str| KernelError {
-            op: op.to_string(),
-            errno: libc::ENODEV,
-            msg: format!("no link {name}"),
-        };
-        // A link created by this plan is not in `ns`: look it up by name.
-        let index_of = |rt: &mut N, name: &str| -> Result<u32, KernelError> {
-            if let Some(l) = ns.links.iter().find(|l| l.name == name) {
-                return Ok(l.index);
-            }
-            let replies = rt.dump(&link_dump()).map_err(fail)?;
-            replies
-                .iter()
-                .filter_map(|p| parse_link(p))
-                .find(|l| l.name == name)
-                .map(|l| l.index)
-                .ok_or_else(|| no_link(name))
-        };
-        let tolerate = |r: Result<(), TransportError>, ok: &[i32]| match r {
-            Err(e) if ok.contains(&e.errno) => Ok(()),
-            other => other.map_err(fail),
-        };
         match op {
             PodOp::CreateLink {
                 name,
                 family,
                 local,
-            } => self
-                .rt
-                .request(&link_create(name, *family, *local, self.group))
-                .map_err(fail),
+            } => {
+                let r = self
+                    .rt
+                    .request(&link_create(name, *family, *local, self.group));
+                tolerate(op, r, &[])
+            }
             PodOp::DeleteLink { index, .. } => {
-                tolerate(self.rt.request(&link_delete(*index)), &[libc::ENODEV])
+                let r = self.rt.request(&rtnl::link_delete(*index));
+                tolerate(op, r, &[libc::ENODEV])
             }
             PodOp::SetUp { link } => {
-                let i = index_of(&mut self.rt, link)?;
-                self.rt.request(&link_set_up(i)).map_err(fail)
+                let i = self.index_of(op, ns, link)?;
+                let r = self.rt.request(&rtnl::link_set_up(i));
+                tolerate(op, r, &[])
             }
             PodOp::DisableRpFilter { link } => {
-                let i = index_of(&mut self.rt, link)?;
-                self.rt.request(&link_rp_filter_off(i)).map_err(fail)
+                let i = self.index_of(op, ns, link)?;
+                let r = self.rt.request(&link_rp_filter_off(i));
+                tolerate(op, r, &[])
             }
             PodOp::AddAddr { link, addr } => {
-                let i = index_of(&mut self.rt, link)?;
-                self.rt.request(&addr_add(i, addr)).map_err(fail)
+                let i = self.index_of(op, ns, link)?;
+                let r = self.rt.request(&addr_add(i, addr));
+                tolerate(op, r, &[])
             }
             PodOp::DelAddr { link, addr } => {
-                let i = index_of(&mut self.rt, link)?;
-                tolerate(self.rt.request(&addr_del(i, addr)), &[libc::EADDRNOTAVAIL])
+                let i = self.index_of(op, ns, link)?;
+                let r = self.rt.request(&addr_del(i, addr));
+                tolerate(op, r, &[libc::EADDRNOTAVAIL])
             }
             PodOp::ReplaceRoute { route, oif } => {
-                self.rt.request(&route_replace(route, *oif)).map_err(fail)
+                let r = self.rt.request(&rtnl::route_replace(route, *oif));
+                tolerate(op, r, &[])
             }
-            PodOp::DeleteRoute(r) => tolerate(
-                self.rt.request(&route_delete(r)),
-                &[libc::ESRCH, libc::ENOENT],
-            ),
-            PodOp::AddRule(r) => tolerate(self.rt.request(&rule_add(r)), &[libc::EEXIST]),
-            PodOp::DeleteRule(r) => tolerate(self.rt.request(&rule_delete(r)), &[libc::ENOENT]),
-            PodOp::AddFouPort(p) | PodOp::DelFouPort(p) => {
-                let id = self.fou_family()?.ok_or_else(|| KernelError {
-                    op: op.to_string(),
-                    errno: libc::ENOENT,
-                    msg: "generic netlink family fou not available (modprobe fou fou6)".into(),
-                })?;
-                let g = self.genl.as_mut().ok_or_else(|| KernelError {
-                    op: op.to_string(),
-                    errno: libc::ENOTSUP,
-                    msg: "no generic netlink socket".into(),
-                })?;
-                if matches!(op, PodOp::AddFouPort(_)) {
-                    tolerate(g.request(&fou_add(id, p)), &[libc::EEXIST])
-                } else {
-                    tolerate(g.request(&fou_del(id, p)), &[libc::ENOENT])
-                }
+            PodOp::DeleteRoute(route) => {
+                let r = self.rt.request(&rtnl::route_delete(route, None));
+                tolerate(op, r, &[libc::ESRCH, libc::ENOENT])
+            }
+            PodOp::AddRule(rule) => {
+                let r = self.rt.request(&rtnl::rule_add(rule));
+                tolerate(op, r, &[libc::EEXIST])
+            }
+            PodOp::DeleteRule(rule) => {
+                let r = self.rt.request(&rtnl::rule_delete(rule));
+                tolerate(op, r, &[libc::ENOENT])
+            }
+            PodOp::AddFouPort(p) => {
+                let r = self.genl.request(FOU_GENL_NAME, |id| fou::fou_add(id, p));
+                tolerate(op, r, &[libc::EEXIST, libc::EALREADY, libc::EADDRINUSE])
+            }
+            PodOp::DelFouPort(p) => {
+                // The plan only closes ports it read; EINVAL is the kernel's "no such port".
+                let r = self.genl.request(FOU_GENL_NAME, |id| fou::fou_del(id, p));
+                tolerate(op, r, &[libc::EINVAL, libc::ENOENT])
             }
         }
     }
@@ -1106,14 +727,19 @@ impl PodsReport {
 /// One pass over every candidate namespace (SPEC D-4, D-5): configures the local endpoints in
 /// `wants` where their IP lives, and removes our state from namespaces that no longer need it.
 /// `run_netns` and `proc` are normally `/run/netns` and `/proc`; the daemon's own namespace
-/// (`<proc>/self/ns/net`) is never touched.
-pub fn reconcile_pods<O: Opener>(
+/// (`<proc>/self/ns/net`) is never touched. `open` makes the [`PodKernel`] on the namespace's
+/// thread (normally `|| NetlinkPod::open(settings.link_group)`).
+pub fn reconcile_pods<K, F>(
     wants: &BTreeMap<IpAddr, PodWant>,
     s: &Settings,
-    opener: &O,
+    open: F,
     run_netns: &Path,
     proc: &Path,
-) -> PodsReport {
+) -> PodsReport
+where
+    K: PodKernel,
+    F: Fn() -> Result<K, KernelError> + Sync,
+{
     let own = ns_id(&proc.join("self/ns/net")).ok();
     let candidates = scan(run_netns, proc, own);
     let mut report = PodsReport {
@@ -1122,17 +748,7 @@ pub fn reconcile_pods<O: Opener>(
     };
     let mut found: BTreeSet<IpAddr> = BTreeSet::new();
     for ns in candidates {
-        let r = in_netns(&ns.path, || -> Result<NsOutcome, KernelError> {
-            let terr = |what: &str, e: TransportError| KernelError {
-                op: format!("open {what} socket"),
-                errno: e.errno,
-                msg: e.msg,
-            };
-            let rt = opener.route().map_err(|e| terr("route", e))?;
-            let genl = opener.generic().ok();
-            let mut k = NetlinkPod::new(rt, genl, s.link_group);
-            converge(&mut k, wants, s)
-        });
+        let r = in_netns(&ns.path, || converge(&mut open()?, wants, s));
         match r {
             Ok(Ok(o)) => {
                 found.extend(o.found.iter().copied());

@@ -25,7 +25,6 @@
 //!   `EINVAL`. Other commands need only the identity (service: AF, PROTOCOL, ADDR, PORT; dest:
 //!   ADDR, PORT), which is all this module sends for them.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
@@ -33,6 +32,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_core::{NLA_F_NESTED, NLA_TYPE_MASK};
 
+use super::genl::Genl;
+use super::socket::{NetlinkError, Request};
 use crate::apply::KernelError;
 use crate::dsr::{
     Forward, IpvsOp, IpvsState, Protocol, RealServer, ServiceKey, TunnelType, VirtualService,
@@ -729,45 +730,58 @@ pub fn parse_dest(payload: &[u8], family: Family) -> Result<RealServer, DecodeEr
 // ---------------------------------------------------------------------------------------------
 // Executor (shell)
 
-/// A failure reported by a [`GenlTransport`]: positive errno (0 if none) and the kernel's
-/// extended-ack text or a description.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TransportError {
-    /// Positive errno, 0 when the failure was not an errno (e.g. a malformed reply).
-    pub errno: i32,
-    /// Extended ack message or description.
-    pub msg: String,
+/// A generic netlink socket talking to the IPVS family: it knows the family ID and adds
+/// `nlmsghdr`, sequence numbers and `NLM_F_REQUEST|NLM_F_ACK` / `NLM_F_DUMP`. Implemented by
+/// [`IpvsSocket`]; tests use an in-memory one.
+pub trait GenlTransport {
+    /// Sends one request (payload after `nlmsghdr`) and waits for its ack.
+    fn request(&mut self, payload: &[u8]) -> Result<(), NetlinkError>;
+    /// Sends a dump request and returns the payload of every reply message (after `nlmsghdr`),
+    /// retrying interrupted dumps.
+    fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, NetlinkError>;
 }
 
-impl fmt::Display for TransportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.errno != 0 {
-            write!(f, "{}", std::io::Error::from_raw_os_error(self.errno))?;
-            if !self.msg.is_empty() {
-                write!(f, ": {}", self.msg)?;
-            }
-            Ok(())
-        } else {
-            f.write_str(&self.msg)
-        }
+/// [`GenlTransport`] over [`Genl`], which resolves the "IPVS" family through nlctrl, caches the
+/// ID and resolves it again after ENOENT (module reloaded). Open it on the thread and in the
+/// namespace whose IPVS table is meant (the daemon: the main thread, host namespace).
+#[derive(Debug)]
+pub struct IpvsSocket(pub Genl);
+
+impl IpvsSocket {
+    /// Opens a generic netlink socket for IPVS.
+    pub fn open() -> Result<IpvsSocket, KernelError> {
+        Genl::open()
+            .map(IpvsSocket)
+            .map_err(|e| kerr("open generic netlink socket".into(), e))
     }
 }
 
-/// A generic netlink socket talking to the IPVS family: it knows the family ID and adds
-/// `nlmsghdr`, sequence numbers and `NLM_F_REQUEST|NLM_F_ACK` / `NLM_F_DUMP`.
-pub trait GenlTransport {
-    /// Sends one request (payload after `nlmsghdr`) and waits for its ack.
-    fn request(&mut self, payload: &[u8]) -> Result<(), TransportError>;
-    /// Sends a dump request and returns the payload of every reply message (after `nlmsghdr`),
-    /// retrying interrupted dumps.
-    fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, TransportError>;
+fn req(id: u16, payload: &[u8]) -> Request {
+    Request {
+        msg_type: id,
+        flags: 0,
+        payload: payload.to_vec(),
+    }
 }
 
-fn kerr(op: String, e: TransportError) -> KernelError {
+impl GenlTransport for IpvsSocket {
+    fn request(&mut self, payload: &[u8]) -> Result<(), NetlinkError> {
+        self.0
+            .request(IPVS_GENL_NAME, |id| req(id, payload))
+            .map(|_| ())
+    }
+
+    fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        let replies = self.0.dump(IPVS_GENL_NAME, |id| req(id, payload))?;
+        Ok(replies.into_iter().map(|r| r.payload).collect())
+    }
+}
+
+fn kerr(op: String, e: NetlinkError) -> KernelError {
     KernelError {
         op,
-        errno: e.errno,
-        msg: e.msg,
+        errno: e.errno(),
+        msg: e.message(),
     }
 }
 
@@ -829,7 +843,7 @@ pub fn apply(t: &mut impl GenlTransport, ops: &[IpvsOp]) -> Vec<(usize, KernelEr
     for (i, op) in ops.iter().enumerate() {
         match t.request(&op_msg(op).to_bytes()) {
             Ok(()) => log::info!("{op}"),
-            Err(e) if tolerated(op, e.errno) => log::debug!("{op}: {e} (already so)"),
+            Err(e) if tolerated(op, e.errno()) => log::debug!("{op}: {e} (already so)"),
             Err(e) => failed.push((i, kerr(op.to_string(), e))),
         }
     }
