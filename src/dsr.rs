@@ -1099,6 +1099,11 @@ pub fn advmss(family: Family, mtu: u32, gue: bool) -> Option<u32> {
     mtu.checked_sub(overhead).filter(|m| *m > 0)
 }
 
+/// An IPv6 link-local address (`fe80::/10`).
+fn is_link_local(a: &IpNet) -> bool {
+    matches!(a.addr(), IpAddr::V6(v) if v.segments()[0] & 0xffc0 == 0xfe80)
+}
+
 /// The receive link name for a family.
 pub fn pod_link_name(f: Family) -> &'static str {
     match f {
@@ -1352,11 +1357,13 @@ pub fn plan_pod(wants: &[&PodWant], ns: &PodNs, s: &Settings, diags: &mut Vec<Di
             }
         }
         // 3. VIPs on the link.
+        // IPv6 link-local addresses are the kernel's (address generation on the new link, also
+        // on ipip: fe80::5efe:<IPv4>), not ours to remove.
         let have_addrs: BTreeSet<IpNet> = match (fresh, ours) {
             (false, Some(l)) => ns
                 .addrs
                 .iter()
-                .filter(|a| a.index == l.index)
+                .filter(|a| a.index == l.index && !is_link_local(&a.addr))
                 .map(|a| a.addr)
                 .collect(),
             _ => BTreeSet::new(),
@@ -2555,6 +2562,13 @@ mod tests {
         let mut ns = pod_ns();
         let w = pod_want(&["203.0.113.10"], None);
         pod_converge(&mut ns, &[&w], &s);
+        // The kernel's IPv6 link-local address on our link is not a VIP to remove.
+        let index = ns.links.iter().find(|l| l.name == "kt-dsr").unwrap().index;
+        ns.addrs.push(Addr {
+            index,
+            addr: "fe80::5efe:af4:105/64".parse().unwrap(),
+        });
+        assert_eq!(plan_pod(&[&w], &ns, &s, &mut Vec::new()), vec![]);
         // Someone set it down and rp_filter back to 1.
         for l in ns.links.iter_mut().filter(|l| l.name == "kt-dsr") {
             l.up = false;

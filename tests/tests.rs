@@ -24,3 +24,5 @@ mod netns;
 mod fakeapi;
 // End to end: three netns nodes running the real binary against the fake API server (root; #[ignore]d).
 mod e2e;
+// DSR against a real kernel: IPVS via our netlink vs ipvsadm, pod receivers, end to end (root; #[ignore]d).
+mod dsr_kernel;

@@ -27,7 +27,7 @@
 //! ```text
 //! TCP  10.0.0.1:80 wrr
 //!   -> 10.244.1.5:80                Tunnel  ipip          2      0          0
-//!   -> 10.244.1.6:80                Tunnel  gue:5555:nocsum 1    0          0
+//!   -> 10.244.1.6:80                Tunnel  gue:5555:-c   1      0          0
 //! UDP  10.0.0.1:53 sh persistent 600
 //! TCP  [2001:db8::10]:443 rr
 //!   -> [fd00::5]:443                Tunnel  ipip          1      0          0
