@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use netlink_packet_core::{DefaultNla, Emitable, NlasIterator, ParseableParametrized};
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeader, AddressHeaderFlags, AddressMessage, AddressScope,
+    AddressAttribute, AddressHeader, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{
     InfoData, InfoIpTunnel, InfoKind, LinkAttribute, LinkFlags, LinkHeader, LinkInfo, LinkMessage,
@@ -125,21 +125,21 @@ pub fn netconf_dump() -> Request {
 /// Creates the receive link: `ip link add NAME type ipip local POD remote 0.0.0.0` (or
 /// `ip6tnl mode ip6ip6 local POD remote ::`), in our link group, up.
 pub fn link_create(name: &str, family: Family, local: IpAddr, group: u32) -> Request {
-    let (kind, proto, any) = match family {
-        Family::V4 => (InfoKind::IpIp, IpProtocol::Ipip, IpAddr::from([0u8; 4])),
-        Family::V6 => (InfoKind::Ip6Tnl, IpProtocol::Ipv6, IpAddr::from([0u8; 16])),
+    let (kind, proto) = match family {
+        Family::V4 => (InfoKind::IpIp, IpProtocol::Ipip),
+        Family::V6 => (InfoKind::Ip6Tnl, IpProtocol::Ipv6),
     };
     let mut m = LinkMessage::default();
     m.header.flags = LinkFlags::Up;
     m.header.change_mask = LinkFlags::Up;
-    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    // iproute2's order; no IFLA_IPTUN_REMOTE: "remote any" is the kernel's default.
     m.attributes.push(LinkAttribute::Group(group));
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
     m.attributes.push(LinkAttribute::LinkInfo(vec![
         LinkInfo::Kind(kind),
         LinkInfo::Data(InfoData::IpTunnel(vec![
-            InfoIpTunnel::Local(local),
-            InfoIpTunnel::Remote(any),
             InfoIpTunnel::Protocol(proto),
+            InfoIpTunnel::Local(local),
         ])),
     ]));
     Request::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &m)
@@ -161,18 +161,14 @@ pub fn link_rp_filter_off(index: u32) -> Request {
     Request::new(RTM_NEWLINK, 0, &m)
 }
 
-fn addr_msg(index: u32, addr: &IpNet) -> AddressMessage {
+fn addr_msg(index: u32, addr: &IpNet, scope: AddressScope) -> AddressMessage {
     let mut m = AddressMessage::default();
     m.header = AddressHeader {
         family: af(Family::of_net(addr)),
         prefix_len: addr.prefix_len(),
         index,
-        // IPv4 VIPs with scope link, as kube-router and design check E3; IPv6 global with
-        // NODAD (E5): usable at once, no duplicate detection on a NOARP tunnel.
-        scope: match addr {
-            IpNet::V4(_) => AddressScope::Link,
-            IpNet::V6(_) => AddressScope::Universe,
-        },
+        scope,
+        // IFA_F_NODAD fits in the header's 8 flag bits (iproute2 sends no IFA_FLAGS then).
         flags: match addr {
             IpNet::V4(_) => AddressHeaderFlags::empty(),
             IpNet::V6(_) => AddressHeaderFlags::Nodad,
@@ -180,25 +176,32 @@ fn addr_msg(index: u32, addr: &IpNet) -> AddressMessage {
     };
     m.attributes.push(AddressAttribute::Local(addr.addr()));
     m.attributes.push(AddressAttribute::Address(addr.addr()));
-    if addr.addr().is_ipv6() {
-        m.attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
-    }
     m
 }
 
-/// Adds an address (`ip addr add VIP/32 dev kt-dsr scope link`, or `VIP/128 nodad`).
+/// Adds an address: an IPv4 VIP `/32` with scope link (as kube-router and design check E3), an
+/// IPv6 VIP `/128` global with `nodad` (E5: usable at once; no duplicate detection on a NOARP
+/// tunnel). `NLM_F_REPLACE` rather than iproute2's `NLM_F_EXCL`: adding an existing VIP is a
+/// success.
 pub fn addr_add(index: u32, addr: &IpNet) -> Request {
+    let scope = match addr {
+        IpNet::V4(_) => AddressScope::Link,
+        IpNet::V6(_) => AddressScope::Universe,
+    };
     Request::new(
         RTM_NEWADDR,
         NLM_F_CREATE | NLM_F_REPLACE,
-        &addr_msg(index, addr),
+        &addr_msg(index, addr, scope),
     )
 }
 
-/// Deletes an address.
+/// Deletes an address (the kernel matches local address, prefix length and device).
 pub fn addr_del(index: u32, addr: &IpNet) -> Request {
-    Request::new(RTM_DELADDR, 0, &addr_msg(index, addr))
+    Request::new(
+        RTM_DELADDR,
+        0,
+        &addr_msg(index, addr, AddressScope::Universe),
+    )
 }
 
 /// (type without flags, value) of each attribute; stops at the first malformed one.
@@ -776,4 +779,407 @@ where
         });
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dsr::DestTunnel;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn ip(a: &str) -> IpAddr {
+        a.parse().unwrap()
+    }
+
+    fn net(a: &str) -> IpNet {
+        a.parse().unwrap()
+    }
+
+    // Golden payloads (after nlmsghdr). The iproute2 references were captured with
+    // `strace -f -e trace=sendmsg -e write=3 ip ...` (iproute2 6.1.0, Debian 12) in `unshare -n`
+    // on the 6.18 host; addresses on `lo` (ifindex 1).
+
+    /// `ip addr add 10.96.0.10/32 dev lo scope link`: identical bytes (we send NLM_F_REPLACE
+    /// where iproute2 sends NLM_F_EXCL; header flags are the socket's business).
+    #[rustfmt::skip]
+    const ADDR_ADD_V4: &[u8] = &[
+        0x02, 0x20, 0x00, 0xfd,  // ifaddrmsg: AF_INET, /32, flags 0, scope link (253)
+        0x01, 0x00, 0x00, 0x00,  // ifindex 1
+        0x08, 0x00, 0x02, 0x00, 0x0a, 0x60, 0x00, 0x0a,  // IFA_LOCAL 10.96.0.10
+        0x08, 0x00, 0x01, 0x00, 0x0a, 0x60, 0x00, 0x0a,  // IFA_ADDRESS 10.96.0.10
+    ];
+
+    /// `ip -6 addr add 2001:db8:100::10/128 dev lo nodad`: identical bytes.
+    #[rustfmt::skip]
+    const ADDR_ADD_V6: &[u8] = &[
+        0x0a, 0x80, 0x02, 0x00,  // ifaddrmsg: AF_INET6, /128, IFA_F_NODAD, scope universe
+        0x01, 0x00, 0x00, 0x00,  // ifindex 1
+        0x14, 0x00, 0x02, 0x00, 0x20, 0x01, 0x0d, 0xb8, 0x01, 0x00, 0x00, 0x00,
+                                0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10,  // IFA_LOCAL
+        0x14, 0x00, 0x01, 0x00, 0x20, 0x01, 0x0d, 0xb8, 0x01, 0x00, 0x00, 0x00,
+                                0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10,  // IFA_ADDRESS
+    ];
+
+    /// `ip addr del 10.96.0.10/32 dev lo`: identical bytes.
+    #[rustfmt::skip]
+    const ADDR_DEL_V4: &[u8] = &[
+        0x02, 0x20, 0x00, 0x00,  // ifaddrmsg: AF_INET, /32, flags 0, scope 0
+        0x01, 0x00, 0x00, 0x00,  // ifindex 1
+        0x08, 0x00, 0x02, 0x00, 0x0a, 0x60, 0x00, 0x0a,  // IFA_LOCAL
+        0x08, 0x00, 0x01, 0x00, 0x0a, 0x60, 0x00, 0x0a,  // IFA_ADDRESS
+    ];
+
+    /// `ip -4 netconf show` (the dump request): identical bytes.
+    const NETCONF_DUMP: &[u8] = &[0x02, 0x00, 0x00, 0x00]; // netconfmsg: AF_INET + padding
+
+    /// Derived from `ip link add kt-dsr group 19284 up type ipip local 10.244.1.5 remote any`.
+    /// Same header, group, name and order; deliberate differences in IFLA_LINKINFO: the kind
+    /// carries its NUL (netlink-packet-route), IFLA_IPTUN_PROTO is IPPROTO_IPIP (iproute2: 0,
+    /// any), and iproute2's defaults (PMTUDISC 1, TOS 0, TTL 0 = inherit, LINK 0, FWMARK 0, the
+    /// four ENCAP_* zeros) are left to the kernel, which has the same defaults.
+    #[rustfmt::skip]
+    const LINK_CREATE_IPIP: &[u8] = &[
+        0x00, 0x00, 0x00, 0x00,  // ifinfomsg: AF_UNSPEC, pad, type 0
+        0x00, 0x00, 0x00, 0x00,  // ifindex 0
+        0x01, 0x00, 0x00, 0x00,  // flags IFF_UP
+        0x01, 0x00, 0x00, 0x00,  // change IFF_UP
+        0x08, 0x00, 0x1b, 0x00, 0x54, 0x4b, 0x00, 0x00,  // IFLA_GROUP 19284
+        0x0b, 0x00, 0x03, 0x00, b'k', b't', b'-', b'd', b's', b'r', 0x00, 0x00,  // IFLA_IFNAME
+        0x24, 0x00, 0x12, 0x00,  // IFLA_LINKINFO
+            0x09, 0x00, 0x01, 0x00, b'i', b'p', b'i', b'p', 0x00, 0x00, 0x00, 0x00,  // KIND
+            0x14, 0x00, 0x02, 0x00,  // IFLA_INFO_DATA
+                0x05, 0x00, 0x09, 0x00, 0x04, 0x00, 0x00, 0x00,  // IFLA_IPTUN_PROTO IPPROTO_IPIP
+                0x08, 0x00, 0x02, 0x00, 0x0a, 0xf4, 0x01, 0x05,  // IFLA_IPTUN_LOCAL
+    ];
+
+    /// Derived from `ip link add kt-dsr6 group 19284 up type ip6tnl mode ip6ip6 local
+    /// fd00:244:1::5 remote any`; as above, plus iproute2's TTL 64, ENCAP_LIMIT 4, FLOWINFO 0,
+    /// FLAGS 0 and ENCAP_FLAGS 2 are left out (they concern transmit; this link only receives).
+    #[rustfmt::skip]
+    const LINK_CREATE_IP6TNL: &[u8] = &[
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // ifinfomsg (family, type, index 0)
+        0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,  // flags, change: IFF_UP
+        0x08, 0x00, 0x1b, 0x00, 0x54, 0x4b, 0x00, 0x00,  // IFLA_GROUP 19284
+        0x0c, 0x00, 0x03, 0x00, b'k', b't', b'-', b'd', b's', b'r', b'6', 0x00,  // IFLA_IFNAME
+        0x30, 0x00, 0x12, 0x00,  // IFLA_LINKINFO
+            0x0b, 0x00, 0x01, 0x00, b'i', b'p', b'6', b't', b'n', b'l', 0x00, 0x00,  // KIND
+            0x20, 0x00, 0x02, 0x00,  // IFLA_INFO_DATA
+                0x05, 0x00, 0x09, 0x00, 0x29, 0x00, 0x00, 0x00,  // PROTO IPPROTO_IPV6 (ip6ip6)
+                0x14, 0x00, 0x02, 0x00, 0xfd, 0x00, 0x02, 0x44, 0x00, 0x01, 0x00, 0x00,
+                                        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05,  // LOCAL
+    ];
+
+    /// `rp_filter` 0 on ifindex 7: no iproute2 command sends this (sysctl writes /proc/sys);
+    /// built from the uapi layout, which `inet_set_link_af` reads, and checked live in the VM
+    /// (tests/dsr_kernel.rs reads /proc/sys/net/ipv4/conf/kt-dsr/rp_filter back as 0).
+    #[rustfmt::skip]
+    const RP_FILTER_OFF: &[u8] = &[
+        0x00, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00,  // ifinfomsg: ifindex 7
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // no flag change
+        0x14, 0x00, 0x1a, 0x00,  // IFLA_AF_SPEC
+            0x10, 0x00, 0x02, 0x00,  // AF_INET
+                0x0c, 0x00, 0x01, 0x00,  // IFLA_INET_CONF
+                    0x08, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00,  // [IPV4_DEVCONF_RP_FILTER] = 0
+    ];
+
+    #[test]
+    fn goldens() {
+        assert_eq!(
+            hex(&addr_add(1, &net("10.96.0.10/32")).payload),
+            hex(ADDR_ADD_V4)
+        );
+        assert_eq!(
+            hex(&addr_add(1, &net("2001:db8:100::10/128")).payload),
+            hex(ADDR_ADD_V6)
+        );
+        assert_eq!(
+            hex(&addr_del(1, &net("10.96.0.10/32")).payload),
+            hex(ADDR_DEL_V4)
+        );
+        assert_eq!(hex(&netconf_dump().payload), hex(NETCONF_DUMP));
+        let l4 = link_create("kt-dsr", Family::V4, ip("10.244.1.5"), 19284);
+        assert_eq!(hex(&l4.payload), hex(LINK_CREATE_IPIP));
+        let l6 = link_create("kt-dsr6", Family::V6, ip("fd00:244:1::5"), 19284);
+        assert_eq!(hex(&l6.payload), hex(LINK_CREATE_IP6TNL));
+        assert_eq!(hex(&link_rp_filter_off(7).payload), hex(RP_FILTER_OFF));
+        // Message types and request flags.
+        assert_eq!(
+            (l4.msg_type, l4.flags),
+            (RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+        );
+        let a = addr_add(1, &net("10.96.0.10/32"));
+        assert_eq!(
+            (a.msg_type, a.flags),
+            (RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE)
+        );
+        assert_eq!(addr_del(1, &net("10.96.0.10/32")).msg_type, RTM_DELADDR);
+        assert_eq!(netconf_dump().msg_type, RTM_GETNETCONF);
+    }
+
+    #[test]
+    fn parses_our_receive_link_with_rp_filter() {
+        use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec, InetDevConf};
+        let mut m = LinkMessage::default();
+        m.header.index = 9;
+        m.header.flags = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName("kt-dsr".into()));
+        m.attributes.push(LinkAttribute::Mtu(1480));
+        m.attributes.push(LinkAttribute::Group(19284));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::IpIp),
+            LinkInfo::Data(InfoData::IpTunnel(vec![
+                InfoIpTunnel::Local(ip("10.244.1.5")),
+                InfoIpTunnel::Remote(ip("0.0.0.0")),
+            ])),
+        ]));
+        let mut conf = InetDevConf::default();
+        conf.rp_filter = 2;
+        m.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConf(conf),
+            ])]));
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        let l = parse_link(&buf).unwrap();
+        assert_eq!(
+            l,
+            PodLink {
+                index: 9,
+                name: "kt-dsr".into(),
+                kind: "ipip".into(),
+                group: 19284,
+                mtu: 1480,
+                up: true,
+                local: Some(ip("10.244.1.5")),
+                remote: Some(ip("0.0.0.0")),
+                rp_filter: Some(2),
+            }
+        );
+        assert_eq!(parse_link(&buf[..10]), None);
+    }
+
+    /// The `all` entry of an IPv4 netconf dump, as Linux 6.18 answers `ip -4 netconf show`
+    /// after `sysctl net.ipv4.conf.all.rp_filter=1` (strace -e read=3).
+    #[rustfmt::skip]
+    const NETCONF_ALL: &[u8] = &[
+        0x02, 0x00, 0x00, 0x00,  // netconfmsg AF_INET
+        0x08, 0x00, 0x01, 0x00, 0xff, 0xff, 0xff, 0xff,  // NETCONFA_IFINDEX = -1 (all)
+        0x08, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00,  // NETCONFA_FORWARDING
+        0x08, 0x00, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00,  // NETCONFA_RP_FILTER = 1
+        0x08, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00,  // NETCONFA_MC_FORWARDING
+        0x08, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00,  // NETCONFA_BC_FORWARDING
+        0x08, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00,  // NETCONFA_PROXY_NEIGH
+        0x08, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00,  // NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN
+    ];
+
+    #[test]
+    fn netconf_all_rp_filter() {
+        assert_eq!(parse_netconf_all_rp_filter(NETCONF_ALL), Some(1));
+        // The `lo` entry (ifindex 1) of the same dump is not `all`.
+        let mut lo = NETCONF_ALL.to_vec();
+        lo[8..12].copy_from_slice(&1i32.to_ne_bytes());
+        assert_eq!(parse_netconf_all_rp_filter(&lo), None);
+        assert_eq!(parse_netconf_all_rp_filter(&[2]), None);
+    }
+
+    fn route_payload(table: u8, proto: u8, dst_len: u8, attrs: Vec<RouteAttribute>) -> Vec<u8> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.table = table;
+        m.header.protocol = netlink_packet_route::route::RouteProtocol::from(proto);
+        m.header.destination_prefix_length = dst_len;
+        m.header.kind = RouteType::Unicast;
+        m.attributes = attrs;
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn route_classification() {
+        let names: HashMap<u32, String> = [(3, "eth0".to_string())].into_iter().collect();
+        let gw = RouteAttribute::Gateway(RouteAddress::Inet("10.244.1.1".parse().unwrap()));
+        let def = route_payload(
+            254,
+            4,
+            0,
+            vec![
+                gw.clone(),
+                RouteAttribute::Oif(3),
+                RouteAttribute::Priority(100),
+            ],
+        );
+        assert_eq!(
+            parse_route(&def, 157, &names),
+            ParsedRoute::Default(
+                dsr::DefaultRoute {
+                    family: Family::V4,
+                    gateway: Some(ip("10.244.1.1")),
+                    oif: 3
+                },
+                100
+            )
+        );
+        let ours = route_payload(
+            78,
+            157,
+            0,
+            vec![RouteAttribute::Table(78), gw, RouteAttribute::Oif(3)],
+        );
+        let ParsedRoute::Owned(r) = parse_route(&ours, 157, &names) else {
+            panic!()
+        };
+        assert_eq!(
+            (r.table, r.nexthop),
+            (78, crate::model::NextHop::Via(ip("10.244.1.1")))
+        );
+        let subnet = route_payload(254, 2, 24, vec![RouteAttribute::Oif(3)]);
+        assert_eq!(parse_route(&subnet, 157, &names), ParsedRoute::Other);
+        assert_eq!(parse_route(&[1, 2], 157, &names), ParsedRoute::Other);
+    }
+
+    #[test]
+    fn scan_dedups_by_identity_and_skips_our_own() {
+        let dir = std::env::temp_dir().join(format!("krdsr-scan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = dir.join("run");
+        let proc = dir.join("proc");
+        for p in ["1/ns", "2/ns", "10/ns", "self/ns"] {
+            std::fs::create_dir_all(proc.join(p)).unwrap();
+        }
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("cni-a"), b"").unwrap();
+        std::fs::hard_link(run.join("cni-a"), run.join("cni-b")).unwrap(); // same namespace
+        std::os::unix::fs::symlink(run.join("cni-a"), proc.join("1/ns/net")).unwrap(); // same again
+        std::fs::write(proc.join("2/ns/net"), b"").unwrap(); // "our own"
+        std::fs::write(proc.join("10/ns/net"), b"").unwrap();
+        std::os::unix::fs::symlink(proc.join("10/ns/net"), proc.join("self/ns/net")).unwrap();
+        let own = ns_id(&proc.join("2/ns/net")).ok();
+        let got: Vec<PathBuf> = scan(&run, &proc, own).into_iter().map(|n| n.path).collect();
+        assert_eq!(got, vec![run.join("cni-a"), proc.join("10/ns/net")]);
+        // Missing directories: nothing, no error.
+        assert!(scan(&dir.join("nope"), &dir.join("nope"), None).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A pod namespace in memory, applying ops with [`dsr::apply_pod`].
+    struct FakePod {
+        ns: PodNs,
+        s: Settings,
+        full_reads: usize,
+    }
+
+    impl PodKernel for FakePod {
+        fn read_basic(&mut self) -> Result<PodNs, KernelError> {
+            Ok(PodNs {
+                links: self.ns.links.clone(),
+                addrs: self.ns.addrs.clone(),
+                ..PodNs::default()
+            })
+        }
+        fn read_rest(&mut self, ns: &mut PodNs, _protocol: u8) -> Result<(), KernelError> {
+            self.full_reads += 1;
+            *ns = self.ns.clone();
+            Ok(())
+        }
+        fn apply(&mut self, op: &PodOp, _ns: &PodNs) -> Result<(), KernelError> {
+            dsr::apply_pod(&mut self.ns, op, &self.s).map_err(|errno| KernelError {
+                op: op.to_string(),
+                errno,
+                msg: String::new(),
+            })
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            external_ip_ranges: vec![],
+            lb_ip_ranges: vec![],
+            ipv4: true,
+            ipv6: true,
+            tunnel: DestTunnel::Ipip,
+            table: 78,
+            rule_priority: 32000,
+            protocol: 157,
+            link_group: 19284,
+        }
+    }
+
+    fn fake(pod_ip: &str) -> FakePod {
+        let eth0 = PodLink {
+            index: 2,
+            name: "eth0".into(),
+            kind: "veth".into(),
+            group: 0,
+            mtu: 1500,
+            up: true,
+            local: None,
+            remote: None,
+            rp_filter: Some(0),
+        };
+        FakePod {
+            ns: PodNs {
+                links: vec![eth0],
+                addrs: vec![crate::model::Addr {
+                    index: 2,
+                    addr: net(&format!("{pod_ip}/24")),
+                }],
+                defaults: vec![dsr::DefaultRoute {
+                    family: Family::V4,
+                    gateway: Some(ip("10.244.1.1")),
+                    oif: 2,
+                }],
+                ..PodNs::default()
+            },
+            s: settings(),
+            full_reads: 0,
+        }
+    }
+
+    #[test]
+    fn converge_touches_only_namespaces_that_matter() {
+        let s = settings();
+        let want = PodWant {
+            ip: ip("10.244.1.5"),
+            vips: [ip("10.96.0.10")].into_iter().collect(),
+            gue_port: None,
+            origins: BTreeSet::new(),
+        };
+        let wants: BTreeMap<IpAddr, PodWant> = [(want.ip, want)].into_iter().collect();
+        // Another pod: read cheaply, left alone.
+        let mut other = fake("10.244.1.9");
+        let o = converge(&mut other, &wants, &s).unwrap();
+        assert_eq!(
+            (o.found.len(), o.applied.len(), other.full_reads),
+            (0, 0, 0)
+        );
+        // The endpoint's pod: configured, then nothing more to do.
+        let mut pod = fake("10.244.1.5");
+        let o = converge(&mut pod, &wants, &s).unwrap();
+        assert_eq!(o.found, vec![ip("10.244.1.5")]);
+        assert!(o.failed.is_empty() && o.applied.len() == 5, "{o:?}");
+        let o = converge(&mut pod, &wants, &s).unwrap();
+        assert_eq!(o.applied, Vec::<String>::new());
+        // The endpoint went away: our link is noticed and everything is removed.
+        let o = converge(&mut pod, &BTreeMap::new(), &s).unwrap();
+        assert!(o.found.is_empty() && !o.applied.is_empty(), "{o:?}");
+        assert_eq!(pod.ns.links.len(), 1);
+        assert!(pod.ns.rules.is_empty() && pod.ns.routes.is_empty());
+    }
+
+    #[test]
+    fn in_netns_reports_a_bad_path() {
+        let e = in_netns(Path::new("/nonexistent/ns"), || ()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("enter network namespace /nonexistent/ns: "),
+            "{e}"
+        );
+    }
 }
