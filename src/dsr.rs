@@ -1054,6 +1054,58 @@ pub fn plan_ipvs(d: &Desired, actual: &IpvsState, owned: &BTreeSet<ServiceKey>) 
     p
 }
 
+/// Everything one DSR pass decides, in one call: the IPVS plan, the director's rules and routes
+/// (to merge into the overlay's desired rules and routes), the local endpoints' pod-side wants,
+/// and the problems to report (input diagnostics plus IPVS clashes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DsrPlan {
+    /// IPVS ops and the ownership record.
+    pub ipvs: IpvsPlan,
+    /// Director rules (`to VIP ipproto P dport N lookup <table>`).
+    pub rules: Vec<Rule>,
+    /// Director routes (`local default dev lo table <table>` per family in use).
+    pub routes: Vec<Route>,
+    /// Pod-side wants of this node's endpoints, for [`crate::podns::reconcile_pods`].
+    pub pods: BTreeMap<IpAddr, PodWant>,
+    /// Problems to log once per change.
+    pub diags: Vec<Diag>,
+}
+
+/// One DSR pass: [`desired`], [`plan_ipvs`] against the kernel's IPVS table and the ownership
+/// record, and [`director_routing`] for the services not blocked by foreign ones.
+pub fn plan(
+    inp: &Inputs<'_>,
+    s: &Settings,
+    ipvs: &IpvsState,
+    owned: &BTreeSet<ServiceKey>,
+) -> DsrPlan {
+    let mut diags = Vec::new();
+    let d = desired(inp, s, &mut diags);
+    let ipvs = plan_ipvs(&d, ipvs, owned);
+    diags.extend(ipvs.clashes.iter().cloned());
+    let (rules, routes) = director_routing(&d, &ipvs.blocked, s);
+    DsrPlan {
+        ipvs,
+        rules,
+        routes,
+        pods: d.pods,
+        diags,
+    }
+}
+
+/// Every address of every Node (for the hostNetwork check, SPEC D-3); unparsable ones are
+/// skipped (the node model reports them).
+pub fn node_ips(nodes: &[crate::nodes::NodeInfo]) -> BTreeSet<IpAddr> {
+    nodes
+        .iter()
+        .flat_map(|n| n.addresses.iter())
+        .filter_map(|(_, a)| a.trim().parse().ok())
+        .collect()
+}
+
+/// File name of the IPVS ownership record in the state directory (`/run/kr-tunneld`).
+pub const OWNED_FILE: &str = "ipvs-services";
+
 /// The ownership record as file text: one `proto addr port` line per key, sorted.
 pub fn render_owned(keys: &BTreeSet<ServiceKey>) -> String {
     keys.iter()
@@ -2670,5 +2722,51 @@ mod tests {
             .iter()
             .any(|o| matches!(o, PodOp::ReplaceRoute { .. } | PodOp::AddRule(_))));
         assert!(ops.iter().any(|o| matches!(o, PodOp::AddAddr { .. })));
+    }
+
+    #[test]
+    fn one_call_plan_and_node_ips() {
+        let s = settings();
+        let nodes = vec![crate::nodes::NodeInfo {
+            name: "node2".into(),
+            addresses: vec![
+                ("InternalIP".into(), "10.244.2.7".into()),
+                ("Hostname".into(), "node2".into()),
+            ],
+            ..crate::nodes::NodeInfo::default()
+        }];
+        let ips = node_ips(&nodes);
+        assert_eq!(ips, [ip("10.244.2.7")].into_iter().collect());
+        // 10.244.2.7 is now a node address: skipped as a hostNetwork endpoint.
+        let svc = [web(json!({}))];
+        let slices = two_nodes();
+        let inp = Inputs {
+            services: &svc,
+            slices: &slices,
+            local_node: "node1",
+            node_ips: &ips,
+        };
+        let held = VirtualService {
+            key: key("203.0.113.10", 80),
+            ..foreign()
+        };
+        let p = plan(
+            &inp,
+            &s,
+            &IpvsState {
+                services: vec![held],
+                ..IpvsState::default()
+            },
+            &BTreeSet::new(),
+        );
+        assert!(p.ipvs.ops.is_empty() && p.rules.is_empty() && p.routes.is_empty());
+        assert!(has(&p.diags, "hostNetwork"));
+        assert!(has(&p.diags, "was not created by kr-tunneld"));
+        assert_eq!(
+            p.pods.keys().copied().collect::<Vec<_>>(),
+            vec![ip("10.244.1.5")]
+        );
+        let p = plan(&inp, &s, &IpvsState::default(), &BTreeSet::new());
+        assert_eq!((p.ipvs.ops.len(), p.rules.len(), p.routes.len()), (2, 1, 1));
     }
 }

@@ -25,6 +25,7 @@
 //!   `EINVAL`. Other commands need only the identity (service: AF, PROTOCOL, ADDR, PORT; dest:
 //!   ADDR, PORT), which is all this module sends for them.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
@@ -790,7 +791,7 @@ fn kerr(op: String, e: NetlinkError) -> KernelError {
 /// never read.
 pub fn read_state(
     t: &mut impl GenlTransport,
-    owned: &std::collections::BTreeSet<ServiceKey>,
+    owned: &BTreeSet<ServiceKey>,
 ) -> Result<IpvsState, KernelError> {
     let mut st = IpvsState::default();
     let replies = t
@@ -861,6 +862,62 @@ fn tolerated(op: &IpvsOp, errno: i32) -> bool {
     }
 }
 
+/// What the daemon needs from IPVS, like [`crate::apply::Kernel`] for links and routes:
+/// implemented over netlink by [`IpvsSocket`] and in memory by [`FakeIpvs`].
+pub trait IpvsKernel {
+    /// Every address-based service, and the real servers of the `owned` ones.
+    fn read(&mut self, owned: &BTreeSet<ServiceKey>) -> Result<IpvsState, KernelError>;
+    /// Applies `ops` in order; returns the index and error of each failed op.
+    fn apply(&mut self, ops: &[IpvsOp]) -> Vec<(usize, KernelError)>;
+}
+
+impl IpvsKernel for IpvsSocket {
+    fn read(&mut self, owned: &BTreeSet<ServiceKey>) -> Result<IpvsState, KernelError> {
+        read_state(self, owned)
+    }
+
+    fn apply(&mut self, ops: &[IpvsOp]) -> Vec<(usize, KernelError)> {
+        apply(self, ops)
+    }
+}
+
+/// An in-memory IPVS table ([`crate::dsr::apply_ipvs`]) that records the ops applied.
+#[derive(Debug, Default)]
+pub struct FakeIpvs {
+    /// The table.
+    pub state: IpvsState,
+    /// Every op applied, in order.
+    pub log: Vec<IpvsOp>,
+}
+
+impl IpvsKernel for FakeIpvs {
+    fn read(&mut self, owned: &BTreeSet<ServiceKey>) -> Result<IpvsState, KernelError> {
+        let mut s = self.state.clone();
+        s.dests.retain(|k, _| owned.contains(k));
+        Ok(s)
+    }
+
+    fn apply(&mut self, ops: &[IpvsOp]) -> Vec<(usize, KernelError)> {
+        let mut failed = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            self.log.push(op.clone());
+            if let Err(errno) = crate::dsr::apply_ipvs(&mut self.state, op) {
+                if !tolerated(op, errno) {
+                    failed.push((
+                        i,
+                        KernelError {
+                            op: op.to_string(),
+                            errno,
+                            msg: String::new(),
+                        },
+                    ));
+                }
+            }
+        }
+        failed
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -875,5 +932,153 @@ mod unit {
         // A nested attribute whose length runs past the end.
         let bad = [1, 1, 0, 0, 0x20, 0, 1, 0, 6, 0, 1, 0];
         assert!(parse_service(&bad).is_err());
+    }
+
+    /// A transport that answers each request with a scripted errno and each dump with the
+    /// given payloads, recording the commands it saw.
+    struct Scripted {
+        errnos: Vec<i32>,
+        dumps: Vec<Vec<Vec<u8>>>,
+        seen: Vec<u8>,
+    }
+
+    impl GenlTransport for Scripted {
+        fn request(&mut self, payload: &[u8]) -> Result<(), NetlinkError> {
+            self.seen.push(payload[0]);
+            match self.errnos.remove(0) {
+                0 => Ok(()),
+                errno => Err(NetlinkError::Kernel {
+                    errno,
+                    extack: String::new(),
+                }),
+            }
+        }
+        fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, NetlinkError> {
+            self.seen.push(payload[0]);
+            Ok(self.dumps.remove(0))
+        }
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            addr: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        }
+    }
+
+    fn svc() -> VirtualService {
+        VirtualService {
+            key: key(),
+            scheduler: "rr".into(),
+            flags: 0,
+            timeout: 0,
+            netmask: u32::MAX,
+        }
+    }
+
+    fn dest() -> RealServer {
+        crate::dsr::real_server(
+            "10.244.1.5".parse().unwrap(),
+            80,
+            crate::dsr::DestTunnel::Ipip,
+        )
+    }
+
+    #[test]
+    fn apply_semantics() {
+        let ops = vec![
+            IpvsOp::AddService(svc()),
+            IpvsOp::AddDest(key(), dest()),
+            IpvsOp::DeleteDest(key(), dest()),
+            IpvsOp::DeleteService(key()),
+            IpvsOp::EditService(svc()),
+        ];
+        // EEXIST on a dest add and ENOENT/ESRCH on deletes are "already so"; EEXIST on a service
+        // add (someone else's) and any error on an edit are failures.
+        let mut t = Scripted {
+            errnos: vec![
+                libc::EEXIST,
+                libc::EEXIST,
+                libc::ENOENT,
+                libc::ESRCH,
+                libc::ESRCH,
+            ],
+            dumps: vec![],
+            seen: vec![],
+        };
+        let failed: Vec<usize> = apply(&mut t, &ops).into_iter().map(|(i, _)| i).collect();
+        assert_eq!(failed, vec![0, 4]);
+        assert_eq!(t.seen, vec![1, 5, 7, 3, 2]);
+        let e = &apply(
+            &mut Scripted {
+                errnos: vec![libc::EPERM],
+                dumps: vec![],
+                seen: vec![],
+            },
+            &ops[..1],
+        )[0]
+        .1;
+        assert_eq!(e.op, "add ipvs service tcp 10.0.0.1:80 scheduler rr");
+        assert_eq!(e.errno, libc::EPERM);
+    }
+
+    #[test]
+    fn read_state_lists_all_services_and_dests_of_owned_ones() {
+        let listed = |s: &VirtualService| new_service(s).to_bytes();
+        let other = VirtualService {
+            key: ServiceKey { port: 443, ..key() },
+            ..svc()
+        };
+        let mut t = Scripted {
+            errnos: vec![],
+            dumps: vec![
+                vec![listed(&svc()), listed(&other)],
+                vec![new_dest(&key(), &dest()).to_bytes()],
+            ],
+            seen: vec![],
+        };
+        let owned: BTreeSet<ServiceKey> = [key()].into_iter().collect();
+        let st = read_state(&mut t, &owned).unwrap();
+        assert_eq!(st.services, vec![svc(), other]);
+        assert_eq!(st.dests.len(), 1);
+        assert_eq!(st.dests[&key()], vec![dest()]);
+        // One service dump, one dest dump (of the owned service only).
+        assert_eq!(t.seen, vec![4, 8]);
+        // A garbled reply is an error naming the dump, not a panic.
+        let mut bad = Scripted {
+            errnos: vec![],
+            dumps: vec![vec![vec![1, 1]]],
+            seen: vec![],
+        };
+        let e = read_state(&mut bad, &owned).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("dump ipvs services: malformed reply"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fake_ipvs_converges_with_the_planner() {
+        let mut k = FakeIpvs::default();
+        let mut d = crate::dsr::Desired::default();
+        d.services.insert(
+            key(),
+            crate::dsr::WantedService {
+                service: svc(),
+                dests: vec![dest()],
+                origin: "default/web".into(),
+            },
+        );
+        let mut owned = BTreeSet::new();
+        let p = crate::dsr::plan_ipvs(&d, &k.read(&owned).unwrap(), &owned);
+        assert!(k.apply(&p.ops).is_empty());
+        owned = p.record_after(&[]);
+        assert_eq!(
+            crate::dsr::plan_ipvs(&d, &k.read(&owned).unwrap(), &owned).ops,
+            vec![]
+        );
+        assert_eq!(k.log.len(), 2);
     }
 }
