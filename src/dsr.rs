@@ -35,6 +35,16 @@
 //! Pod-side state is owned by name, kind and link group (the receive links), by route protocol
 //! (rules and routes in the pod), and by context (a GUE port in a pod network namespace that
 //! holds our receive link is ours; pods do not open FOU ports themselves).
+//!
+//! # Wiring (daemon)
+//!
+//! On every reconcile with DSR enabled: read the ownership record ([`OWNED_FILE`] in the state
+//! directory, [`parse_owned`]), read IPVS ([`crate::netlink::ipvs::IpvsKernel::read`]), call
+//! [`plan`]; merge [`DsrPlan::rules`] and [`DsrPlan::routes`] into the overlay's desired rules and
+//! routes before [`crate::reconcile::plan`]; write [`IpvsPlan::record`], apply the IPVS ops, write
+//! [`IpvsPlan::record_after`]; then run [`crate::podns::reconcile_pods`] with
+//! [`DsrPlan::pods`]. `cleanup` (and DSR turned off) is the same with no Services: every recorded
+//! service and every pod receiver of ours goes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

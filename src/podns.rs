@@ -1182,4 +1182,21 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn parsers_never_panic_on_junk() {
+        let names = HashMap::new();
+        let mut x: u32 = 12345;
+        for len in 0..200 {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (x >> 16) as u8
+                })
+                .collect();
+            let _ = parse_link(&junk);
+            let _ = parse_route(&junk, 157, &names);
+            let _ = parse_netconf_all_rp_filter(&junk);
+        }
+    }
 }
