@@ -40,10 +40,11 @@
 //!
 //! On every reconcile with DSR enabled: read the ownership record ([`OWNED_FILE`] in the state
 //! directory, [`parse_owned`]), read IPVS ([`crate::netlink::ipvs::IpvsKernel::read`]), call
-//! [`plan`]; merge [`DsrPlan::rules`] and [`DsrPlan::routes`] into the overlay's desired rules and
-//! routes before [`crate::reconcile::plan`]; write [`IpvsPlan::record`], apply the IPVS ops, write
-//! [`IpvsPlan::record_after`]; then run [`crate::podns::reconcile_pods`] with
-//! [`DsrPlan::pods`]. `cleanup` (and DSR turned off) is the same with no Services: every recorded
+//! [`plan`]; write [`IpvsPlan::record`], apply the IPVS ops, write [`IpvsPlan::record_after`];
+//! then merge [`DsrPlan::rules`] and [`DsrPlan::routes`] into the overlay's desired rules and
+//! routes before [`crate::reconcile::plan`] (so a VIP is steered to IPVS only once its service
+//! exists); then run [`crate::podns::reconcile_pods`] with [`DsrPlan::pods`]. `cleanup` (and DSR
+//! turned off) is the same with no Services: every recorded
 //! service and every pod receiver of ours goes.
 
 use std::collections::{BTreeMap, BTreeSet};
