@@ -539,7 +539,7 @@ mod tests {
         assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Clean);
         assert_eq!(h.ready, 1);
         assert!(h.outcomes[0].summary.contains("peers=1 tunnels=[ipip=1]"), "{}", h.outcomes[0].summary);
-        assert_eq!(d.kernel().state.links.len(), 2);
+        assert_eq!(d.kernel().state.links.len(), 3); // eth0, the tunnel to b, the receive tunnel
     }
 
     #[test]
@@ -585,7 +585,7 @@ mod tests {
         d.on_nodes(Update::Delete(node("b", "172.16.0.2", "10.1.0.0/24")));
         let o = d.reconcile(Instant::now()).unwrap();
         assert_eq!(o.planned, 1);
-        assert_eq!(d.kernel().state.links.len(), 1);
+        assert_eq!(d.kernel().state.links.len(), 2);
         // cleanup closes the FOU port we recorded, and removes the rule.
         let o = d.cleanup().unwrap();
         assert_eq!(o.failed, 0);
@@ -601,6 +601,6 @@ mod tests {
         d.on_nodes(Update::Delete(node("a", "192.168.1.10", "10.0.0.0/24")));
         let o = d.reconcile(Instant::now()).unwrap();
         assert_eq!(o.planned, 0);
-        assert_eq!(d.kernel().state.links.len(), 2);
+        assert_eq!(d.kernel().state.links.len(), 3);
     }
 }

@@ -223,6 +223,15 @@ pub fn tunnel_name(prefix: &str, remote: IpAddr) -> String {
     }
 }
 
+/// Name of the receive-only (remote any) tunnel of a family: prefix + `rx4` / `rx6`. Peer tunnel
+/// names are prefix + 8 hex digits or prefix + `v` + hex, so they cannot clash with it.
+pub fn rx_tunnel_name(prefix: &str, family: Family) -> String {
+    match family {
+        Family::V4 => format!("{prefix}rx4"),
+        Family::V6 => format!("{prefix}rx6"),
+    }
+}
+
 /// Encapsulation overhead in bytes of a tunnel (outer header, plus UDP and GUE headers for GUE).
 /// ip6tnl adds the 8-byte tunnel encapsulation limit option by default (RFC 2473).
 pub fn overhead(family: Family, encap: &Encap) -> u32 {
@@ -297,22 +306,46 @@ pub fn desired(
             EncapMode::Ipip => Encap::None,
             EncapMode::Fou => Encap::Gue { sport: 0, dport: cfg.port },
         };
-        let mtu = if cfg.mtu != 0 {
-            cfg.mtu
+        let underlay = if cfg.mtu != 0 {
+            None
         } else {
-            let under = underlay_mtu(actual, my_ip).unwrap_or_else(|| {
+            Some(underlay_mtu(actual, my_ip).unwrap_or_else(|| {
                 diags.push(Diag {
                     node: me.name.clone(),
                     msg: format!("{my_ip} is on no local interface; assuming an underlay MTU of 1500"),
                 });
                 1500
-            });
-            under.saturating_sub(overhead(family, &encap)).max(match family {
-                Family::V4 => 576,
-                Family::V6 => 1280,
-            })
+            }))
         };
+        let min = match family {
+            Family::V4 => 576,
+            Family::V6 => 1280,
+        };
+        let mtu_for = |e: &Encap| match underlay {
+            None => cfg.mtu,
+            Some(u) => u.saturating_sub(overhead(family, e)).max(min),
+        };
+        let mtu = mtu_for(&encap);
         if cfg.enabled {
+            // A receive-only tunnel with remote "any": the kernel hands it every IPIP/GUE packet
+            // for our address that no per-peer tunnel takes. An in-place change of a peer tunnel
+            // (encap switch, T-5) unhashes it for an RCU grace period; without this device the
+            // packets arriving in that window are dropped (seen in the live-switch test, IPv6).
+            d.tunnels.push(Tunnel {
+                name: rx_tunnel_name(&cfg.own.name_prefix, family),
+                family,
+                local: my_ip,
+                remote: match family {
+                    Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                },
+                encap: Encap::None,
+                ttl: cfg.ttl,
+                pmtudisc: true,
+                // It never transmits; its MTU must not follow the encap, or an encap switch
+                // would change (and so briefly unhash) it too.
+                mtu: mtu_for(&Encap::None),
+            });
             for port in std::iter::once(cfg.port).chain(cfg.extra_rx_ports.iter().copied()) {
                 let p = FouPort { family, port, gue: true };
                 if !d.fou.contains(&p) {
@@ -533,7 +566,8 @@ mod tests {
         let d = desired("a", &cluster(), &host(), &cfg, &mut vec![]).unwrap();
         assert_eq!(
             d.tunnels,
-            vec![Tunnel {
+            vec![
+            Tunnel {
                 name: "ktc0a8020c".into(),
                 family: Family::V4,
                 local: "192.168.1.10".parse().unwrap(),
@@ -542,6 +576,16 @@ mod tests {
                 ttl: 64,
                 pmtudisc: true,
                 mtu: 1500 - 32,
+            },
+            Tunnel {
+                name: "ktrx4".into(),
+                family: Family::V4,
+                local: "192.168.1.10".parse().unwrap(),
+                remote: "0.0.0.0".parse().unwrap(),
+                encap: Encap::None,
+                ttl: 64,
+                pmtudisc: true,
+                mtu: 1500 - 20,
             }]
         );
         let shown: Vec<String> = d.routes.iter().map(|r| crate::model::RouteDisplay(r).to_string()).collect();
@@ -582,7 +626,7 @@ mod tests {
         let cfg = overlay(&[]);
         let mut diags = vec![];
         let d = desired("a", &nodes, &host(), &cfg, &mut diags).unwrap();
-        assert_eq!(d.tunnels.len(), 1);
+        assert_eq!(d.tunnels.len(), 2); // c's and the receive tunnel
         assert!(diags.iter().any(|x| x.node == "d" && x.msg.contains("clashes with node c")), "{diags:?}");
     }
 

@@ -303,7 +303,7 @@ mod tests {
                 other => panic!("unexpected {other}"),
             })
             .collect();
-        assert_eq!(kinds, ["fou", "link", "link", "route", "route", "route", "route", "rule"]);
+        assert_eq!(kinds, ["fou", "link", "link", "link", "route", "route", "route", "route", "rule"]);
         assert_matches_desired(&mut k, &nodes(2), &[]);
         // Apply, plan again: nothing (the key convergence property).
         assert_eq!(replan(&mut k, &nodes(2), &[]).ops, vec![]);
