@@ -5,7 +5,7 @@
 //! * core (pure, no I/O, no clock): [`cli`], [`config`], [`kube::types`], [`kube::watch`],
 //!   [`model`], [`nodes`], [`reconcile`], [`dsr`] and the netlink message builders/parsers;
 //! * shell (one operation per function, decides nothing): [`kube::client`], [`netlink::socket`],
-//!   [`apply`], [`systemd`], [`daemon`] and `main.rs`.
+//!   [`apply`], [`podns`], [`systemd`], [`daemon`] and `main.rs`.
 
 pub mod apply;
 pub mod cli;
@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod nodes;
+pub mod podns;
 pub mod reconcile;
 pub mod systemd;

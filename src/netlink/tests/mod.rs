@@ -10,6 +10,7 @@
 
 mod addr;
 mod fou;
+mod ipvs;
 mod link;
 mod route;
 mod rule;
