@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 
 use crate::apply::{Kernel, KernelError};
 use crate::config::Config;
-use crate::kube::types::Node;
-use crate::kube::Update;
+use crate::dsr;
+use crate::kube::types::{EndpointSlice, Node, Service};
+use crate::kube::{Resource, Update};
 use crate::metrics::Metrics;
 use crate::model::{Encap, Family, FouPort, Op};
+use crate::netlink::ipvs::IpvsKernel;
 use crate::nodes::{self, Desired, Diag, Mode, NodeInfo};
+use crate::podns::PodsReport;
 use crate::reconcile;
 
 /// Everything the main loop reacts to.
@@ -27,6 +30,10 @@ use crate::reconcile;
 pub enum Event {
     /// A change to the Node cache.
     Nodes(Update<Node>),
+    /// A change to the Service cache (DSR only).
+    Services(Update<Service>),
+    /// A change to the EndpointSlice cache (DSR only).
+    Slices(Update<EndpointSlice>),
     /// SIGTERM or SIGINT: stop, leaving the data path up.
     Stop,
     /// SIGHUP: full resync now.
@@ -60,6 +67,55 @@ pub struct Outcome {
     pub summary: String,
 }
 
+/// Converges the receiving pods of this node (SPEC D-4); the daemon passes
+/// [`crate::podns::reconcile_pods`] over netlink, tests an in-memory one.
+pub type PodsFn =
+    Box<dyn FnMut(&BTreeMap<std::net::IpAddr, dsr::PodWant>, &dsr::Settings) -> PodsReport + Send>;
+
+/// The DSR side of the shell: IPVS over generic netlink and the pod namespaces.
+pub struct DsrShell {
+    /// IPVS access.
+    pub ipvs: Box<dyn IpvsKernel + Send>,
+    /// Pod-side convergence.
+    pub pods: PodsFn,
+    /// DSR settings derived from the configuration.
+    pub settings: dsr::Settings,
+}
+
+/// A watch cache keyed like the API (`name` or `namespace/name`), with "listed at least once".
+struct Cache<T> {
+    items: BTreeMap<String, T>,
+    synced: bool,
+}
+
+impl<T: Resource> Cache<T> {
+    fn new() -> Cache<T> {
+        Cache {
+            items: BTreeMap::new(),
+            synced: false,
+        }
+    }
+
+    fn apply(&mut self, u: Update<T>) {
+        match u {
+            Update::Replace(all) => {
+                self.items = all.into_iter().map(|o| (o.key(), o)).collect();
+                self.synced = true;
+            }
+            Update::Upsert(o) => {
+                self.items.insert(o.key(), o);
+            }
+            Update::Delete(o) => {
+                self.items.remove(&o.key());
+            }
+        }
+    }
+
+    fn values(&self) -> Vec<T> {
+        self.items.values().cloned().collect()
+    }
+}
+
 /// The daemon state owned by the main thread.
 pub struct Daemon<K: Kernel> {
     cfg: Config,
@@ -70,6 +126,9 @@ pub struct Daemon<K: Kernel> {
     owned_fou: BTreeSet<FouPort>,
     last_diags: BTreeSet<Diag>,
     last_problems: BTreeSet<String>,
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    dsr: Option<DsrShell>,
     /// Peer table of the last reconcile.
     pub peers: Vec<nodes::Peer>,
     /// Counters for metrics.
@@ -91,10 +150,29 @@ impl<K: Kernel> Daemon<K> {
             owned_fou,
             last_diags: BTreeSet::new(),
             last_problems: BTreeSet::new(),
+            services: Cache::new(),
+            slices: Cache::new(),
+            dsr: None,
             peers: Vec::new(),
             metrics: Metrics::default(),
             out,
         }
+    }
+
+    /// Enable the DSR side (with `--enable-dsr`, or to clean up what an earlier run left).
+    pub fn with_dsr(mut self, shell: DsrShell) -> Daemon<K> {
+        self.dsr = Some(shell);
+        self
+    }
+
+    /// Apply a Service cache update.
+    pub fn on_services(&mut self, u: Update<Service>) {
+        self.services.apply(u);
+    }
+
+    /// Apply an EndpointSlice cache update.
+    pub fn on_slices(&mut self, u: Update<EndpointSlice>) {
+        self.slices.apply(u);
     }
 
     /// Whether the node cache has been listed at least once.
@@ -157,8 +235,11 @@ impl<K: Kernel> Daemon<K> {
                 ..Outcome::default()
             });
         };
+        let mut desired = desired;
+        let mut problems = Vec::new();
+        let dsr_pods = self.dsr_pass(&nodes, &actual, &mut desired, &mut problems, false);
         let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
-        let mut problems = plan.clashes.clone();
+        problems.extend(plan.clashes.iter().cloned());
         let mut failed = Vec::new();
         if self.cfg.dry_run {
             for op in &plan.ops {
@@ -179,7 +260,22 @@ impl<K: Kernel> Daemon<K> {
             }
             self.track_fou(&plan.ops, &failed_idx);
         }
-        let errors = failed.len();
+        let mut errors = failed.len();
+        if let (Some(pods), Some(shell)) = (dsr_pods, self.dsr.as_mut()) {
+            if !self.cfg.dry_run {
+                let report = (shell.pods)(&pods, &shell.settings);
+                for (ns, o) in &report.outcomes {
+                    for a in &o.applied {
+                        log::info!("pod netns {}: {a}", ns.display());
+                    }
+                    for e in &o.failed {
+                        problems.push(format!("pod netns {}: {e}", ns.display()));
+                    }
+                    errors += o.failed.len();
+                }
+                problems.extend(report.diags.iter().map(|d| d.to_string()));
+            }
+        }
         self.log_new(diags, problems);
         let elapsed = now.elapsed();
         self.peers = desired.peers.clone();
@@ -200,6 +296,95 @@ impl<K: Kernel> Daemon<K> {
             failed: errors,
             summary,
         })
+    }
+
+    /// The DSR part of a pass (SPEC D-1…D-5): plan and apply IPVS, add the director rules and
+    /// routes to the overlay's desired state (they carry our protocol, so the overlay planner
+    /// would otherwise remove them), and return the pod-side wants for after the overlay ops.
+    ///
+    /// Until Services and EndpointSlices have been listed, the DSR rules and routes in the
+    /// kernel are kept as they are: an empty cache proves nothing (SPEC K-4).
+    fn dsr_pass(
+        &mut self,
+        nodes: &[NodeInfo],
+        actual: &crate::model::Actual,
+        desired: &mut Desired,
+        problems: &mut Vec<String>,
+        cleanup: bool,
+    ) -> Option<BTreeMap<std::net::IpAddr, dsr::PodWant>> {
+        let table = self.cfg.dsr.table;
+        let keep_as_is = |desired: &mut Desired| {
+            desired
+                .rules
+                .extend(actual.rules.iter().filter(|r| r.table == table).cloned());
+            desired
+                .routes
+                .extend(actual.routes.iter().filter(|r| r.table == table).cloned());
+        };
+        let shell = self.dsr.as_mut()?;
+        let enabled = self.cfg.dsr.enabled && !cleanup;
+        if enabled && !(self.services.synced && self.slices.synced) {
+            keep_as_is(desired);
+            return None;
+        }
+        let record_path = self.cfg.state_dir.join(dsr::OWNED_FILE);
+        let owned = dsr::parse_owned(&std::fs::read_to_string(&record_path).unwrap_or_default());
+        let ipvs = match shell.ipvs.read(&owned) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(format!(
+                    "dsr: reading IPVS failed, DSR state left as it is: {e}"
+                ));
+                keep_as_is(desired);
+                return None;
+            }
+        };
+        let (services, slices) = if enabled {
+            (self.services.values(), self.slices.values())
+        } else {
+            (Vec::new(), Vec::new()) // DSR off: remove what an earlier run made
+        };
+        let node_ips = dsr::node_ips(nodes);
+        let inputs = dsr::Inputs {
+            services: &services,
+            slices: &slices,
+            local_node: &self.local,
+            node_ips: &node_ips,
+        };
+        let p = dsr::plan(&inputs, &shell.settings, &ipvs, &owned);
+        problems.extend(p.diags.iter().map(|d| d.to_string()));
+        if self.cfg.dry_run {
+            for op in &p.ipvs.ops {
+                let _ = writeln!(self.out, "would {op}");
+            }
+        } else if !p.ipvs.ops.is_empty() {
+            // Record first, so a crash between create and record cannot orphan a service.
+            if let Err(e) = write_atomic(&record_path, dsr::render_owned(&p.ipvs.record).as_bytes())
+            {
+                problems.push(format!(
+                    "dsr: cannot write {}: {e}; not changing IPVS",
+                    record_path.display()
+                ));
+                keep_as_is(desired);
+                return None;
+            }
+            let failed = shell.ipvs.apply(&p.ipvs.ops);
+            let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            for (i, op) in p.ipvs.ops.iter().enumerate() {
+                if !failed_idx.contains(&i) {
+                    log::info!("{op}");
+                }
+            }
+            let errnos: Vec<(usize, i32)> = failed.iter().map(|(i, e)| (*i, e.errno)).collect();
+            problems.extend(failed.iter().map(|(_, e)| e.to_string()));
+            let after = p.ipvs.record_after(&errnos);
+            if let Err(e) = write_atomic(&record_path, dsr::render_owned(&after).as_bytes()) {
+                problems.push(format!("dsr: cannot write {}: {e}", record_path.display()));
+            }
+        }
+        desired.rules.extend(p.rules);
+        desired.routes.extend(p.routes);
+        Some(p.pods)
     }
 
     /// Remember the FOU ports we opened or closed, in memory and in the state directory, so a
@@ -228,11 +413,31 @@ impl<K: Kernel> Daemon<K> {
         }
     }
 
-    /// Remove every object kr-tunneld owns (the `cleanup` command).
+    /// Remove every object kr-tunneld owns (the `cleanup` command): IPVS services it recorded,
+    /// pod receivers, tunnels, routes, rules and FOU ports.
     pub fn cleanup(&mut self) -> Result<Outcome, KernelError> {
         let own = self.cfg.overlay.own.clone();
         let actual = self.kernel.read(&own)?;
-        let plan = reconcile::plan(&Desired::default(), &actual, &own, &self.owned_fou);
+        let mut desired = Desired::default();
+        let mut problems = Vec::new();
+        let pods = self.dsr_pass(&[], &actual, &mut desired, &mut problems, true);
+        if let (Some(pods), Some(shell), false) = (pods, self.dsr.as_mut(), self.cfg.dry_run) {
+            let report = (shell.pods)(&pods, &shell.settings);
+            for (ns, o) in &report.outcomes {
+                for a in &o.applied {
+                    log::info!("pod netns {}: {a}", ns.display());
+                }
+                problems.extend(
+                    o.failed
+                        .iter()
+                        .map(|e| format!("pod netns {}: {e}", ns.display())),
+                );
+            }
+        }
+        for p in &problems {
+            log::warn!("{p}");
+        }
+        let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
         if self.cfg.dry_run {
             for op in &plan.ops {
                 let _ = writeln!(self.out, "would {op}");
@@ -456,6 +661,14 @@ pub fn run_loop<K: Kernel>(
             match ev {
                 Event::Nodes(u) => {
                     d.on_nodes(u);
+                    dirty = true;
+                }
+                Event::Services(u) => {
+                    d.on_services(u);
+                    dirty = true;
+                }
+                Event::Slices(u) => {
+                    d.on_slices(u);
                     dirty = true;
                 }
                 Event::Resync => {
@@ -694,5 +907,111 @@ mod tests {
         let o = d.reconcile(Instant::now()).unwrap();
         assert_eq!(o.planned, 0);
         assert_eq!(d.kernel().state.links.len(), 3);
+    }
+
+    /// An IPVS fake the test can still look at after handing it to the daemon.
+    struct SharedIpvs(std::sync::Arc<std::sync::Mutex<crate::netlink::ipvs::FakeIpvs>>);
+
+    impl IpvsKernel for SharedIpvs {
+        fn read(
+            &mut self,
+            owned: &BTreeSet<dsr::ServiceKey>,
+        ) -> Result<dsr::IpvsState, KernelError> {
+            self.0.lock().unwrap().read(owned)
+        }
+        fn apply(&mut self, ops: &[dsr::IpvsOp]) -> Vec<(usize, KernelError)> {
+            self.0.lock().unwrap().apply(ops)
+        }
+    }
+
+    fn items<T: serde::de::DeserializeOwned>(json: &str) -> Vec<T> {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| serde_json::from_value(i.clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn dsr_follows_annotated_services_and_keeps_its_rules_until_listed() {
+        let mut d = daemon(&["--enable-dsr", "--service-external-ip-range=203.0.113.0/24"]);
+        let ipvs = std::sync::Arc::new(std::sync::Mutex::new(
+            crate::netlink::ipvs::FakeIpvs::default(),
+        ));
+        let settings = dsr::Settings::from_config(&d.cfg);
+        d = d.with_dsr(DsrShell {
+            ipvs: Box::new(SharedIpvs(ipvs.clone())),
+            pods: Box::new(|_, _| PodsReport::default()),
+            settings,
+        });
+        // A DSR rule left by an earlier run: kept while Services are not listed yet (K-4).
+        let old_rule = crate::model::Rule {
+            family: Family::V4,
+            priority: 32000,
+            src: None,
+            dst: Some("203.0.113.50/32".parse().unwrap()),
+            ipproto: Some(6),
+            dport: Some(80),
+            table: 78,
+            protocol: 157,
+        };
+        d.kernel().state.rules.push(old_rule.clone());
+        d.on_nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("node1", "172.16.0.2", "10.244.1.0/24"),
+            node("node2", "172.16.0.3", "10.244.2.0/24"),
+        ]));
+        d.reconcile(Instant::now()).unwrap();
+        assert!(
+            d.kernel().state.rules.contains(&old_rule),
+            "DSR rule removed before Services were listed"
+        );
+        assert!(ipvs.lock().unwrap().log.is_empty());
+
+        // Listed: the recorded payloads have one annotated Service with two external IPs and
+        // an EndpointSlice with one ready and one serving endpoint.
+        let services: Vec<Service> = items(include_str!("../tests/data/list-services.json"));
+        let slices: Vec<EndpointSlice> =
+            items(include_str!("../tests/data/list-endpointslices.json"));
+        d.on_services(Update::Replace(services.clone()));
+        d.on_slices(Update::Replace(slices));
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!(o.failed, 0, "{o:?}");
+        let state = ipvs.lock().unwrap().state.clone();
+        assert_eq!(state.services.len(), 2, "{state:?}");
+        assert!(state.dests.values().all(|v| v.len() == 2), "{state:?}");
+        let dsr_rules = d
+            .kernel()
+            .state
+            .rules
+            .iter()
+            .filter(|r| r.table == 78)
+            .count();
+        assert_eq!(dsr_rules, 2);
+        assert!(d
+            .kernel()
+            .state
+            .routes
+            .iter()
+            .any(|r| r.table == 78 && r.kind == crate::model::RouteKind::Local));
+        // Converged: a second pass changes nothing.
+        let before = ipvs.lock().unwrap().log.len();
+        assert_eq!(d.reconcile(Instant::now()).unwrap().planned, 0);
+        assert_eq!(ipvs.lock().unwrap().log.len(), before);
+
+        // Annotation removed: IPVS services, director rules and the table-78 route go.
+        let mut web = services
+            .into_iter()
+            .find(|s| s.metadata.name == "web")
+            .unwrap();
+        web.metadata.annotations.clear();
+        d.on_services(Update::Upsert(web));
+        d.reconcile(Instant::now()).unwrap();
+        assert!(ipvs.lock().unwrap().state.services.is_empty());
+        assert!(d.kernel().state.rules.iter().all(|r| r.table != 78));
+        assert!(d.kernel().state.routes.iter().all(|r| r.table != 78));
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
     }
 }

@@ -11,10 +11,14 @@ use std::time::Duration;
 use kr_tunneld::apply::Kernel;
 use kr_tunneld::cli::{self, Command, Parsed};
 use kr_tunneld::config::Config;
-use kr_tunneld::daemon::{self, Daemon, Event, Exit, Hooks, Outcome};
-use kr_tunneld::kube::{self, Client, ConnectionSettings, Node, Stop, WatchOptions, WatchStats};
+use kr_tunneld::daemon::{self, Daemon, DsrShell, Event, Exit, Hooks, Outcome};
+use kr_tunneld::kube::{
+    self, Client, ConnectionSettings, EndpointSlice, Node, Service, Stop, WatchOptions, WatchStats,
+};
+use kr_tunneld::netlink::ipvs::IpvsSocket;
 use kr_tunneld::netlink::kernel::NetlinkKernel;
 use kr_tunneld::systemd::{self, Notifier};
+use kr_tunneld::{dsr, podns};
 use kr_tunneld::{logging, metrics};
 
 /// Exit code for usage and configuration errors.
@@ -76,6 +80,45 @@ fn open_kernel() -> Option<NetlinkKernel> {
             None
         }
     }
+}
+
+/// The DSR shell over netlink, when DSR is on or an earlier run left DSR state to remove.
+fn dsr_shell(cfg: &Config, cleanup: bool) -> Option<DsrShell> {
+    let record = cfg.state_dir.join(dsr::OWNED_FILE);
+    let leftovers = std::fs::metadata(&record)
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
+    if !(cfg.dsr.enabled || leftovers || cleanup) {
+        return None;
+    }
+    let ipvs = match IpvsSocket::open() {
+        Ok(s) => s,
+        Err(e) => {
+            if cfg.dsr.enabled {
+                log::error!(
+                    "dsr: cannot open the IPVS generic netlink family (is ip_vs loaded?): {e}"
+                );
+            } else {
+                log::debug!("dsr: no IPVS: {e}");
+            }
+            return None;
+        }
+    };
+    let group = cfg.overlay.own.link_group;
+    let pods: daemon::PodsFn = Box::new(move |wants, settings| {
+        podns::reconcile_pods(
+            wants,
+            settings,
+            || podns::NetlinkPod::open(group),
+            std::path::Path::new("/run/netns"),
+            std::path::Path::new("/proc"),
+        )
+    });
+    Some(DsrShell {
+        ipvs: Box::new(ipvs),
+        pods,
+        settings: dsr::Settings::from_config(cfg),
+    })
 }
 
 struct MainHooks {
@@ -178,13 +221,29 @@ fn run(cfg: Config) -> ExitCode {
     let node_tx = tx.clone();
     kube::spawn_watch::<Node>(
         client.clone(),
-        opts,
+        opts.clone(),
         move |u| {
             // The receiver only goes away when the main loop has ended.
             let _ = node_tx.send(Event::Nodes(u));
         },
         stop.clone(),
     );
+    if cfg.dsr.enabled {
+        let svc_tx = tx.clone();
+        let send = move |u| {
+            let _ = svc_tx.send(Event::Services(u));
+        };
+        kube::spawn_watch::<Service>(client.clone(), opts.clone(), send, stop.clone());
+        let eps_tx = tx.clone();
+        let send = move |u| {
+            let _ = eps_tx.send(Event::Slices(u));
+        };
+        kube::spawn_watch::<EndpointSlice>(client.clone(), opts, send, stop.clone());
+    }
+    let dsr_shell = dsr_shell(&cfg, false);
+    if cfg.dsr.enabled && dsr_shell.is_none() {
+        return ExitCode::FAILURE;
+    }
 
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -236,6 +295,9 @@ fn run(cfg: Config) -> ExitCode {
     let alive_every = watchdog.unwrap_or(Duration::from_secs(30));
     let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
     let mut d = Daemon::new(cfg, local, kernel, out);
+    if let Some(shell) = dsr_shell {
+        d = d.with_dsr(shell);
+    }
     let exit = daemon::run_loop(&mut d, &rx, &mut hooks, Some(alive_every));
     stop.trigger();
     log::info!("stopped; tunnels, routes and rules stay in place");

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kr_tunneld::dsr::{self, DestTunnel, Desired, Inputs, IpvsOp, Settings};
+use kr_tunneld::dsr::{self, Desired, DestTunnel, Inputs, IpvsOp, Settings};
 use kr_tunneld::kube::types::{EndpointSlice, Service};
 use kr_tunneld::netlink::ipvs::{self, IpvsSocket};
 use kr_tunneld::netlink::rtnl;
@@ -33,7 +33,10 @@ const GROUP: u32 = 19284;
 
 fn settings(tunnel: DestTunnel) -> Settings {
     Settings {
-        external_ip_ranges: vec!["10.96.0.0/16".parse().unwrap(), "2001:db8:100::/64".parse().unwrap()],
+        external_ip_ranges: vec![
+            "10.96.0.0/16".parse().unwrap(),
+            "2001:db8:100::/64".parse().unwrap(),
+        ],
         lb_ip_ranges: vec![],
         ipv4: true,
         ipv6: true,
@@ -79,7 +82,12 @@ fn slice(name: &str, family: &str, eps: &[(&str, &str)]) -> EndpointSlice {
 
 fn desired(svc: &Service, slices: &[EndpointSlice], node: &str, s: &Settings) -> Desired {
     let node_ips: BTreeSet<IpAddr> = BTreeSet::new();
-    let inp = Inputs { services: std::slice::from_ref(svc), slices, local_node: node, node_ips: &node_ips };
+    let inp = Inputs {
+        services: std::slice::from_ref(svc),
+        slices,
+        local_node: node,
+        node_ips: &node_ips,
+    };
     let mut diags = Vec::new();
     let d = dsr::desired(&inp, s, &mut diags);
     assert!(diags.is_empty(), "{diags:?}");
@@ -125,10 +133,18 @@ fn ipvs_services_match_ipvsadm() {
 
         let s = settings(DestTunnel::Ipip);
         let slices = vec![
-            slice("web-4", "IPv4", &[("10.244.1.5", "node1"), ("10.244.2.7", "node2")]),
+            slice(
+                "web-4",
+                "IPv4",
+                &[("10.244.1.5", "node1"), ("10.244.2.7", "node2")],
+            ),
             slice("web-6", "IPv6", &[("fd00:244:1::5", "node1")]),
         ];
-        let svc = service(&["10.96.0.10", "10.96.0.99", "2001:db8:100::10"], json!({}), json!({}));
+        let svc = service(
+            &["10.96.0.10", "10.96.0.99", "2001:db8:100::10"],
+            json!({}),
+            json!({}),
+        );
         let d = desired(&svc, &slices, "node1", &s);
         let mut owned = BTreeSet::new();
         let ops = converge_ipvs(&d, &mut owned);
@@ -156,13 +172,20 @@ fn ipvs_services_match_ipvsadm() {
             json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}),
         );
         let slices = vec![
-            slice("web-4", "IPv4", &[("10.244.1.5", "node1"), ("10.244.3.3", "node3")]),
+            slice(
+                "web-4",
+                "IPv4",
+                &[("10.244.1.5", "node1"), ("10.244.3.3", "node3")],
+            ),
             slice("web-6", "IPv6", &[("fd00:244:1::5", "node1")]),
         ];
         let s = settings(DestTunnel::Gue(5555));
         let d = desired(&svc, &slices, "node1", &s);
         let ops = converge_ipvs(&d, &mut owned);
-        assert!(ops.iter().any(|o| matches!(o, IpvsOp::EditService(_))), "{ops:?}");
+        assert!(
+            ops.iter().any(|o| matches!(o, IpvsOp::EditService(_))),
+            "{ops:?}"
+        );
         let mut got = ipvsadm();
         got.sort();
         let mut want = vec![
@@ -222,13 +245,18 @@ impl Named {
 
 impl Drop for Named {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 /// Runs a bash script (one exec instead of dozens); panics with its output on failure.
 fn sh(script: &str) {
-    let out = Command::new("bash").args(["-euo", "pipefail", "-c", script]).output().unwrap();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "script failed:\n{script}\nstdout: {}\nstderr: {}",
@@ -242,14 +270,23 @@ fn sh(script: &str) {
 fn reconcile_pods(d: &Desired, s: &Settings) -> podns::PodsReport {
     let empty_proc = std::env::temp_dir().join(format!("krdsr-noproc-{}", std::process::id()));
     std::fs::create_dir_all(&empty_proc).unwrap();
-    let r = podns::reconcile_pods(&d.pods, s, || NetlinkPod::open(s.link_group), Path::new("/run/netns"), &empty_proc);
+    let r = podns::reconcile_pods(
+        &d.pods,
+        s,
+        || NetlinkPod::open(s.link_group),
+        Path::new("/run/netns"),
+        &empty_proc,
+    );
     let failed: Vec<_> = r.failed().collect();
     assert!(failed.is_empty(), "{failed:?}");
     r
 }
 
 fn applied(r: &podns::PodsReport) -> Vec<String> {
-    r.outcomes.iter().flat_map(|(_, o)| o.applied.iter().cloned()).collect()
+    r.outcomes
+        .iter()
+        .flat_map(|(_, o)| o.applied.iter().cloned())
+        .collect()
 }
 
 #[test]
@@ -267,7 +304,11 @@ fn pod_receiver_is_configured_and_removed() {
         p = pod.name,
         o = other.name
     ));
-    let svc = service(&["10.96.0.10", "10.96.0.11", "2001:db8:100::10"], json!({}), json!({}));
+    let svc = service(
+        &["10.96.0.10", "10.96.0.11", "2001:db8:100::10"],
+        json!({}),
+        json!({}),
+    );
     let slices = vec![
         slice("web-4", "IPv4", &[("10.244.1.5", "node1")]),
         slice("web-6", "IPv6", &[("fd00:244:1::5", "node1")]),
@@ -280,22 +321,46 @@ fn pod_receiver_is_configured_and_removed() {
     assert_eq!(r.outcomes[0].0, pod.path());
 
     let link = pod.ip(&["-d", "link", "show", "kt-dsr"]);
-    assert!(link.contains("ipip") && link.contains("remote any local 10.244.1.5"), "{link}");
-    assert!(link.contains(&format!("group {GROUP}")) || link.contains("group 19284"), "{link}");
+    assert!(
+        link.contains("ipip") && link.contains("remote any local 10.244.1.5"),
+        "{link}"
+    );
+    assert!(
+        link.contains(&format!("group {GROUP}")) || link.contains("group 19284"),
+        "{link}"
+    );
     let link6 = pod.ip(&["-d", "link", "show", "kt-dsr6"]);
-    assert!(link6.contains("ip6ip6 remote any local fd00:244:1::5"), "{link6}");
+    assert!(
+        link6.contains("ip6ip6 remote any local fd00:244:1::5"),
+        "{link6}"
+    );
     let addrs = pod.ip(&["addr", "show", "kt-dsr"]);
-    assert!(addrs.contains("10.96.0.10/32") && addrs.contains("10.96.0.11/32"), "{addrs}");
-    assert!(pod.ip(&["-6", "addr", "show", "kt-dsr6"]).contains("2001:db8:100::10/128"));
-    let rp = pod.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/kt-dsr/rp_filter").unwrap());
+    assert!(
+        addrs.contains("10.96.0.10/32") && addrs.contains("10.96.0.11/32"),
+        "{addrs}"
+    );
+    assert!(pod
+        .ip(&["-6", "addr", "show", "kt-dsr6"])
+        .contains("2001:db8:100::10/128"));
+    let rp =
+        pod.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/kt-dsr/rp_filter").unwrap());
     assert_eq!(rp.trim(), "0");
     let routes = pod.ip(&["route", "show", "table", "78"]);
-    assert!(routes.contains("default via 10.244.1.1 dev eth0 proto 157") && routes.contains("advmss 1390"), "{routes}");
+    assert!(
+        routes.contains("default via 10.244.1.1 dev eth0 proto 157")
+            && routes.contains("advmss 1390"),
+        "{routes}"
+    );
     let routes6 = pod.ip(&["-6", "route", "show", "table", "78"]);
     assert!(routes6.contains("advmss 1350"), "{routes6}");
     let rules = pod.ip(&["rule", "show"]);
-    assert!(rules.contains("32000:\tfrom 10.96.0.10 lookup 78 proto 157"), "{rules}");
-    assert!(pod.ip(&["-6", "rule", "show"]).contains("from 2001:db8:100::10 lookup 78 proto 157"));
+    assert!(
+        rules.contains("32000:\tfrom 10.96.0.10 lookup 78 proto 157"),
+        "{rules}"
+    );
+    assert!(pod
+        .ip(&["-6", "rule", "show"])
+        .contains("from 2001:db8:100::10 lookup 78 proto 157"));
     // The other namespace is untouched.
     assert!(!other.ip(&["link", "show"]).contains("kt-dsr"));
 
@@ -307,10 +372,18 @@ fn pod_receiver_is_configured_and_removed() {
     let s = settings(DestTunnel::Gue(5555));
     let d = desired(&svc, &slices, "node1", &s);
     let did = applied(&reconcile_pods(&d, &s));
-    assert!(did.contains(&"add fou port ipv4 5555 gue".to_string()), "{did:?}");
-    assert!(did.contains(&"delete address 10.96.0.11/32 from kt-dsr".to_string()), "{did:?}");
+    assert!(
+        did.contains(&"add fou port ipv4 5555 gue".to_string()),
+        "{did:?}"
+    );
+    assert!(
+        did.contains(&"delete address 10.96.0.11/32 from kt-dsr".to_string()),
+        "{did:?}"
+    );
     assert!(pod.ip(&["fou", "show"]).contains("port 5555 gue"));
-    assert!(pod.ip(&["route", "show", "table", "78"]).contains("advmss 1378"));
+    assert!(pod
+        .ip(&["route", "show", "table", "78"])
+        .contains("advmss 1378"));
     assert_eq!(applied(&reconcile_pods(&d, &s)), Vec::<String>::new());
 
     // Nothing wanted: all of it goes.
@@ -344,7 +417,13 @@ fn topology() -> Topology {
         node2: Named::new("node2"),
         pod2: Named::new("pod2"),
     };
-    let (lan, c, n1, n2, p) = (&t.lan.name, &t.client.name, &t.node1.name, &t.node2.name, &t.pod2.name);
+    let (lan, c, n1, n2, p) = (
+        &t.lan.name,
+        &t.client.name,
+        &t.node1.name,
+        &t.node2.name,
+        &t.pod2.name,
+    );
     let mut script = format!("ip -n {lan} link add br0 type bridge; ip -n {lan} link set br0 up\n");
     for (i, n) in [n1, n2, c].iter().enumerate() {
         let i = i + 1;
@@ -406,7 +485,12 @@ NFT",
 }
 
 fn count(n: &Named, name: &str) -> u64 {
-    let out = run("ip", &["netns", "exec", &n.name, "nft", "list", "counter", "inet", "c", name]);
+    let out = run(
+        "ip",
+        &[
+            "netns", "exec", &n.name, "nft", "list", "counter", "inet", "c", name,
+        ],
+    );
     out.split_whitespace()
         .skip_while(|w| *w != "packets")
         .nth(1)
@@ -435,14 +519,16 @@ fn echo_server(ns: &Named) {
             }
         });
     });
-    rx.recv_timeout(Duration::from_secs(5)).expect("echo server listening");
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("echo server listening");
 }
 
 /// Connects from `client` to `vip`:80, sends 20 kB (several full segments), expects the echo.
 fn talk(client: &Named, vip: IpAddr) {
     client.run(|| {
         let addr = SocketAddr::new(vip, 80);
-        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the VIP");
+        let mut c =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the VIP");
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let msg: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         c.write_all(&msg).unwrap();
@@ -496,7 +582,10 @@ fn end_to_end(vip: &str, pod_ip: &str, family: &str, tunnel: DestTunnel, mss: u3
     // IPVS scheduled it (its connection table; the --stats counters lag by the estimator's 2 s).
     let conns = t.node1.run(|| run("ipvsadm", &["-Lnc"]));
     eprintln!("{conns}");
-    assert!(conns.contains(pod_ip), "no IPVS connection to {pod_ip}: {conns}");
+    assert!(
+        conns.contains(pod_ip),
+        "no IPVS connection to {pod_ip}: {conns}"
+    );
     drop(t.lan);
 }
 
@@ -509,17 +598,35 @@ fn end_to_end_ipv4_ipip() {
 #[test]
 #[ignore = "kernel test: run by tests/run-kernel-tests.sh"]
 fn end_to_end_ipv4_gue() {
-    end_to_end("10.96.0.10", "10.244.2.2", "IPv4", DestTunnel::Gue(5555), 1428);
+    end_to_end(
+        "10.96.0.10",
+        "10.244.2.2",
+        "IPv4",
+        DestTunnel::Gue(5555),
+        1428,
+    );
 }
 
 #[test]
 #[ignore = "kernel test: run by tests/run-kernel-tests.sh"]
 fn end_to_end_ipv6_ip6ip6() {
-    end_to_end("2001:db8:100::10", "fd00:244:2::2", "IPv6", DestTunnel::Ipip, 1400);
+    end_to_end(
+        "2001:db8:100::10",
+        "fd00:244:2::2",
+        "IPv6",
+        DestTunnel::Ipip,
+        1400,
+    );
 }
 
 #[test]
 #[ignore = "kernel test: run by tests/run-kernel-tests.sh"]
 fn end_to_end_ipv6_gue() {
-    end_to_end("2001:db8:100::10", "fd00:244:2::2", "IPv6", DestTunnel::Gue(5555), 1388);
+    end_to_end(
+        "2001:db8:100::10",
+        "fd00:244:2::2",
+        "IPv6",
+        DestTunnel::Gue(5555),
+        1388,
+    );
 }

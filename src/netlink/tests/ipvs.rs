@@ -44,7 +44,11 @@ use crate::model::Family;
 use crate::netlink::ipvs::*;
 
 fn key(addr: &str, protocol: Protocol, port: u16) -> ServiceKey {
-    ServiceKey { addr: addr.parse().unwrap(), protocol, port }
+    ServiceKey {
+        addr: addr.parse().unwrap(),
+        protocol,
+        port,
+    }
 }
 
 fn svc(addr: &str, protocol: Protocol, port: u16, sched: &str) -> VirtualService {
@@ -79,7 +83,10 @@ fn golden(msg: IpvsMessage, raw: &[u8]) {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The `IPVS_CMD_ATTR_DEST` nest of a message, as bytes.
@@ -573,7 +580,10 @@ const REPLY_DEST_V6: &[u8] = &[
 /// `ipvsadm -A -t 10.0.0.1:80 -s rr`
 #[test]
 fn new_service_tcp_rr() {
-    golden(new_service(&svc("10.0.0.1", Protocol::Tcp, 80, "rr")), NEW_SERVICE_TCP_RR);
+    golden(
+        new_service(&svc("10.0.0.1", Protocol::Tcp, 80, "rr")),
+        NEW_SERVICE_TCP_RR,
+    );
 }
 
 /// `ipvsadm -A -u 10.0.0.1:53 -s sh -p 600`
@@ -590,7 +600,10 @@ fn new_service_udp_sh_persistent() {
 /// `ipvsadm -A -t [2001:db8::10]:443 -s rr`: the IPv6 netmask is the prefix length 128.
 #[test]
 fn new_service_ipv6() {
-    golden(new_service(&svc("2001:db8::10", Protocol::Tcp, 443, "rr")), NEW_SERVICE_V6);
+    golden(
+        new_service(&svc("2001:db8::10", Protocol::Tcp, 443, "rr")),
+        NEW_SERVICE_V6,
+    );
 }
 
 /// `ipvsadm -A -t 10.0.0.2:80 -s mh -b flag-1,flag-2`
@@ -606,13 +619,19 @@ fn new_service_mh_sched_flags() {
 /// `ipvsadm -E -t 10.0.0.1:80 -s wrr`
 #[test]
 fn set_service_scheduler() {
-    golden(set_service(&svc("10.0.0.1", Protocol::Tcp, 80, "wrr")), SET_SERVICE_WRR);
+    golden(
+        set_service(&svc("10.0.0.1", Protocol::Tcp, 80, "wrr")),
+        SET_SERVICE_WRR,
+    );
 }
 
 /// `ipvsadm -D -t 10.0.0.1:80`, identity only (see the module docs).
 #[test]
 fn del_service_identity_only() {
-    golden(del_service(&key("10.0.0.1", Protocol::Tcp, 80)), DEL_SERVICE);
+    golden(
+        del_service(&key("10.0.0.1", Protocol::Tcp, 80)),
+        DEL_SERVICE,
+    );
 }
 
 /// `ipvsadm -a -t 10.0.0.1:80 -r 10.244.1.5:80 -i -w 1`
@@ -622,7 +641,10 @@ fn new_dest_ipip() {
     let d = dest("10.244.1.5", 80, 1, TunnelType::Ipip, 0);
     golden(new_dest(&k, &d), NEW_DEST_IPIP);
     // The destination nest is ipvsadm's, byte for byte.
-    assert_eq!(hex(dest_nest(NEW_DEST_IPIP)), hex(dest_nest(IPVSADM_NEW_DEST_IPIP)));
+    assert_eq!(
+        hex(dest_nest(NEW_DEST_IPIP)),
+        hex(dest_nest(IPVSADM_NEW_DEST_IPIP))
+    );
     // And the kernel's parse of ipvsadm's message gives the same service identity and dest.
     let theirs = IpvsMessage::parse(IPVSADM_NEW_DEST_IPIP).unwrap();
     assert_eq!(theirs.attrs[1], new_dest(&k, &d).attrs[1]);
@@ -632,35 +654,50 @@ fn new_dest_ipip() {
 #[test]
 fn new_dest_gue() {
     let k = key("10.0.0.1", Protocol::Tcp, 80);
-    golden(new_dest(&k, &dest("10.244.1.6", 80, 1, TunnelType::Gue, 5555)), NEW_DEST_GUE);
+    golden(
+        new_dest(&k, &dest("10.244.1.6", 80, 1, TunnelType::Gue, 5555)),
+        NEW_DEST_GUE,
+    );
 }
 
 /// `ipvsadm -a -t [2001:db8::10]:443 -r [fd00::5]:443 -i -w 1`
 #[test]
 fn new_dest_ipv6() {
     let k = key("2001:db8::10", Protocol::Tcp, 443);
-    golden(new_dest(&k, &dest("fd00::5", 443, 1, TunnelType::Ipip, 0)), NEW_DEST_V6);
+    golden(
+        new_dest(&k, &dest("fd00::5", 443, 1, TunnelType::Ipip, 0)),
+        NEW_DEST_V6,
+    );
 }
 
 /// `ipvsadm -e -t 10.0.0.1:80 -r 10.244.1.5:80 -i -w 2`
 #[test]
 fn set_dest_weight() {
     let k = key("10.0.0.1", Protocol::Tcp, 80);
-    golden(set_dest(&k, &dest("10.244.1.5", 80, 2, TunnelType::Ipip, 0)), SET_DEST_WEIGHT);
+    golden(
+        set_dest(&k, &dest("10.244.1.5", 80, 2, TunnelType::Ipip, 0)),
+        SET_DEST_WEIGHT,
+    );
 }
 
 /// `ipvsadm -d -t 10.0.0.1:80 -r 10.244.1.6:80`, identities only.
 #[test]
 fn del_dest_identity_only() {
     let k = key("10.0.0.1", Protocol::Tcp, 80);
-    golden(del_dest(&k, &dest("10.244.1.6", 80, 1, TunnelType::Gue, 5555)), DEL_DEST);
+    golden(
+        del_dest(&k, &dest("10.244.1.6", 80, 1, TunnelType::Gue, 5555)),
+        DEL_DEST,
+    );
 }
 
 /// `ipvsadm -Ln`: the service dump request, then one dest dump per service.
 #[test]
 fn dump_requests() {
     golden(dump_services(), GET_SERVICE_DUMP);
-    golden(dump_dests(&key("10.0.0.1", Protocol::Tcp, 80)), GET_DEST_DUMP);
+    golden(
+        dump_dests(&key("10.0.0.1", Protocol::Tcp, 80)),
+        GET_DEST_DUMP,
+    );
 }
 
 /// Every planned op maps to its command.
@@ -710,10 +747,18 @@ fn parse_service_dump_replies() {
         },
     ];
     for (g, w) in got.iter().zip(&want) {
-        let ListedService::Addr(g) = g else { panic!("{g:?}") };
+        let ListedService::Addr(g) = g else {
+            panic!("{g:?}")
+        };
         // The kernel reports HASHED on every service; it is not a difference.
         assert_eq!(g.flags & IP_VS_SVC_F_HASHED, IP_VS_SVC_F_HASHED);
-        assert_eq!(*g, VirtualService { flags: w.flags | IP_VS_SVC_F_HASHED, ..w.clone() });
+        assert_eq!(
+            *g,
+            VirtualService {
+                flags: w.flags | IP_VS_SVC_F_HASHED,
+                ..w.clone()
+            }
+        );
         assert!(!g.differs(w), "{g:?} vs {w:?}");
     }
 }
@@ -736,7 +781,10 @@ fn parse_dest_dump_replies() {
     // bytes, except that we mark the nest NLA_F_NESTED and the kernel does not.
     let mut raw = REPLY_DEST_GUE.to_vec();
     raw[7] |= 0x80;
-    assert_eq!(hex(&IpvsMessage::parse(REPLY_DEST_GUE).unwrap().to_bytes()), hex(&raw));
+    assert_eq!(
+        hex(&IpvsMessage::parse(REPLY_DEST_GUE).unwrap().to_bytes()),
+        hex(&raw)
+    );
 }
 
 #[test]
@@ -756,6 +804,9 @@ fn fwmark_service_is_listed_as_such() {
     ];
     assert_eq!(
         parse_service(raw).unwrap(),
-        Some(ListedService::Fwmark { family: Family::V4, mark: 16051 })
+        Some(ListedService::Fwmark {
+            family: Family::V4,
+            mark: 16051
+        })
     );
 }
