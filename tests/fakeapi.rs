@@ -2,7 +2,7 @@
 //! objects, answers LIST with a resourceVersion and streams WATCH events (chunked HTTP/1.1, one
 //! JSON event per line, as kube-apiserver does), so the real daemon can run against it. Tests
 //! mutate nodes and take the server "down" (connections refused with 503, open watches cut) to
-//! simulate an outage. Services and EndpointSlices are served as empty collections.
+//! simulate an outage. It serves Nodes, Services and EndpointSlices; other paths are empty.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -13,12 +13,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// Collection path of Nodes.
+pub const NODES: &str = "/api/v1/nodes";
+/// Collection path of Services (all namespaces).
+pub const SERVICES: &str = "/api/v1/services";
+/// Collection path of EndpointSlices (all namespaces).
+pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+
 #[derive(Default)]
 struct State {
     rv: u64,
-    nodes: BTreeMap<String, Value>,
-    /// (resourceVersion, type, object) of every change, oldest first.
-    events: Vec<(u64, &'static str, Value)>,
+    /// Objects per collection path, by `namespace/name` (or `name`).
+    objects: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    /// (resourceVersion, collection, type, object) of every change, oldest first.
+    events: Vec<(u64, &'static str, &'static str, Value)>,
     down: bool,
     /// Bumped when the server goes down, so open watches end.
     epoch: u64,
@@ -77,44 +85,46 @@ impl FakeApi {
         FakeApi { inner, addr, stop }
     }
 
-    fn change(&self, f: impl FnOnce(&mut State) -> Option<(&'static str, Value)>) {
+    /// Add or replace an object of a collection ([`NODES`], [`SERVICES`], [`SLICES`]).
+    pub fn put(&self, path: &'static str, mut obj: Value) {
         let (m, cv) = &*self.inner;
         let mut s = lock(m);
         s.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        let k = key(&obj);
+        let coll = s.objects.entry(path).or_default();
+        let ty = if coll.contains_key(&k) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        coll.insert(k, obj.clone());
         let rv = s.rv;
-        if let Some((ty, mut obj)) = f(&mut s) {
-            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            if ty != "DELETED" {
-                let name = obj["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                s.nodes.insert(name, obj.clone());
-            }
-            s.events.push((rv, ty, obj));
+        s.events.push((rv, path, ty, obj));
+        cv.notify_all();
+    }
+
+    /// Delete an object by `namespace/name` (or `name`).
+    pub fn delete(&self, path: &'static str, key: &str) {
+        let (m, cv) = &*self.inner;
+        let mut s = lock(m);
+        if let Some(mut obj) = s.objects.entry(path).or_default().remove(key) {
+            s.rv += 1;
+            obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            let rv = s.rv;
+            s.events.push((rv, path, "DELETED", obj));
         }
         cv.notify_all();
     }
 
     /// Add or replace a node.
     pub fn put_node(&self, node: Value) {
-        self.change(|s| {
-            let name = node["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let ty = if s.nodes.contains_key(&name) {
-                "MODIFIED"
-            } else {
-                "ADDED"
-            };
-            Some((ty, node))
-        });
+        self.put(NODES, node);
     }
 
     /// Delete a node.
     pub fn delete_node(&self, name: &str) {
-        self.change(|s| s.nodes.remove(name).map(|n| ("DELETED", n)));
+        self.delete(NODES, name);
     }
 
     /// While down, requests get 503 and open watches are cut. Changes made while down are
@@ -134,6 +144,15 @@ impl Drop for FakeApi {
         self.set_down(true);
         // Unblock accept().
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// `namespace/name`, or `name` for cluster-scoped objects.
+fn key(obj: &Value) -> String {
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    match obj["metadata"]["namespace"].as_str() {
+        Some(ns) if !ns.is_empty() => format!("{ns}/{name}"),
+        _ => name.to_string(),
     }
 }
 
@@ -167,15 +186,14 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
             return Ok(());
         }
         let base = path.split('?').next().unwrap_or("");
-        let is_nodes = base == "/api/v1/nodes";
+        let coll: Option<&'static str> = [NODES, SERVICES, SLICES].into_iter().find(|c| *c == base);
         let watch = matches!(query(&path, "watch").as_deref(), Some("true") | Some("1"));
         if !watch {
             let s = lock(m);
-            let items: Vec<Value> = if is_nodes {
-                s.nodes.values().cloned().collect()
-            } else {
-                Vec::new()
-            };
+            let items: Vec<Value> = coll
+                .and_then(|c| s.objects.get(c))
+                .map(|o| o.values().cloned().collect())
+                .unwrap_or_default();
             let body = json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}).to_string();
             drop(s);
             write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
@@ -197,15 +215,12 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
                 // Cut the stream without the terminating chunk, as a dying server would.
                 return Ok(());
             }
-            let pending: Vec<(u64, String)> = if is_nodes {
-                s.events
-                    .iter()
-                    .filter(|(rv, _, _)| *rv > from)
-                    .map(|(rv, ty, obj)| (*rv, json!({"type": ty, "object": obj}).to_string()))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let pending: Vec<(u64, String)> = s
+                .events
+                .iter()
+                .filter(|(rv, c, _, _)| *rv > from && Some(*c) == coll)
+                .map(|(rv, _, ty, obj)| (*rv, json!({"type": ty, "object": obj}).to_string()))
+                .collect();
             if let Some((rv, _)) = pending.last() {
                 from = *rv;
             }
