@@ -250,11 +250,6 @@ impl<K: Kernel> Daemon<K> {
         } else if !plan.ops.is_empty() {
             failed = self.kernel.apply(&own, &plan.ops);
             let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-            for (i, op) in plan.ops.iter().enumerate() {
-                if !failed_idx.contains(&i) {
-                    log::info!("{op}");
-                }
-            }
             for (_, e) in &failed {
                 problems.push(e.to_string());
             }
@@ -369,12 +364,6 @@ impl<K: Kernel> Daemon<K> {
                 return None;
             }
             let failed = shell.ipvs.apply(&p.ipvs.ops);
-            let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-            for (i, op) in p.ipvs.ops.iter().enumerate() {
-                if !failed_idx.contains(&i) {
-                    log::info!("{op}");
-                }
-            }
             let errnos: Vec<(usize, i32)> = failed.iter().map(|(i, e)| (*i, e.errno)).collect();
             problems.extend(failed.iter().map(|(_, e)| e.to_string()));
             let after = p.ipvs.record_after(&errnos);
@@ -449,11 +438,6 @@ impl<K: Kernel> Daemon<K> {
         }
         let failed = self.kernel.apply(&own, &plan.ops);
         let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-        for (i, op) in plan.ops.iter().enumerate() {
-            if !failed_idx.contains(&i) {
-                log::info!("{op}");
-            }
-        }
         for (_, e) in &failed {
             log::error!("{e}");
         }
