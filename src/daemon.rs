@@ -712,17 +712,7 @@ pub fn run_loop<K: Kernel>(
 mod tests {
     use super::*;
     use crate::apply::FakeKernel;
-    use crate::model::{Actual, Addr, Link, LinkKind};
     use std::sync::mpsc::channel;
-
-    fn cfg(args: &[&str]) -> Config {
-        let crate::cli::Parsed::Args(a) =
-            crate::cli::parse(args.iter().copied(), &|_| None).unwrap()
-        else {
-            panic!()
-        };
-        Config::from_args(&a).unwrap()
-    }
 
     fn node(name: &str, ip: &str, cidr: &str) -> Node {
         let json = format!(
@@ -730,25 +720,6 @@ mod tests {
                "status":{{"addresses":[{{"type":"InternalIP","address":"{ip}"}}]}}}}"#
         );
         serde_json::from_str(&json).unwrap()
-    }
-
-    fn host() -> Actual {
-        Actual {
-            links: vec![Link {
-                index: 2,
-                name: "eth0".into(),
-                kind: LinkKind::Other(String::new()),
-                group: 0,
-                mtu: 1500,
-                up: true,
-                tunnel: None,
-            }],
-            addrs: vec![Addr {
-                index: 2,
-                addr: "192.168.1.10/24".parse().unwrap(),
-            }],
-            ..Actual::default()
-        }
     }
 
     #[derive(Default)]
@@ -777,12 +748,12 @@ mod tests {
             std::process::id(),
             rand_suffix()
         ));
-        let mut c = cfg(args);
+        let mut c = crate::testutil::config(args);
         c.state_dir = dir;
         Daemon::new(
             c,
             "a".into(),
-            FakeKernel::with(host()),
+            FakeKernel::with(crate::testutil::host(false)),
             Box::new(std::io::sink()),
         )
     }

@@ -21,3 +21,5 @@ pub mod nodes;
 pub mod podns;
 pub mod reconcile;
 pub mod systemd;
+#[cfg(test)]
+mod testutil;

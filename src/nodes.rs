@@ -535,8 +535,10 @@ pub fn desired(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::model::{Addr, Link, LinkKind};
+
+    fn overlay_of(args: &[&str]) -> Overlay {
+        crate::testutil::config(args).overlay
+    }
 
     fn node(name: &str, addrs: &[(&str, &str)], cidrs: &[&str]) -> NodeInfo {
         NodeInfo {
@@ -547,41 +549,6 @@ mod tests {
                 .collect(),
             pod_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             ..NodeInfo::default()
-        }
-    }
-
-    fn overlay(args: &[&str]) -> Overlay {
-        let crate::cli::Parsed::Args(a) =
-            crate::cli::parse(args.iter().copied(), &|_| None).unwrap()
-        else {
-            panic!()
-        };
-        Config::from_args(&a).unwrap().overlay
-    }
-
-    /// Local host: eth0 (index 2, MTU 1500) with 192.168.1.10/24 and fd00:1::10/64.
-    fn host() -> Actual {
-        Actual {
-            links: vec![Link {
-                index: 2,
-                name: "eth0".into(),
-                kind: LinkKind::Other(String::new()),
-                group: 0,
-                mtu: 1500,
-                up: true,
-                tunnel: None,
-            }],
-            addrs: vec![
-                Addr {
-                    index: 2,
-                    addr: "192.168.1.10/24".parse().unwrap(),
-                },
-                Addr {
-                    index: 2,
-                    addr: "fd00:1::10/64".parse().unwrap(),
-                },
-            ],
-            ..Actual::default()
         }
     }
 
@@ -642,9 +609,16 @@ mod tests {
         for (flags, b, c) in cases {
             let mut args = flags.to_vec();
             args.push("--enable-ipv6=true");
-            let cfg = overlay(&args);
+            let cfg = overlay_of(&args);
             let mut diags = vec![];
-            let d = desired("a", &cluster(), &host(), &cfg, &mut diags).unwrap();
+            let d = desired(
+                "a",
+                &cluster(),
+                &crate::testutil::host(true),
+                &cfg,
+                &mut diags,
+            )
+            .unwrap();
             for fam in [Family::V4, Family::V6] {
                 let m = modes(&d);
                 assert!(
@@ -666,8 +640,15 @@ mod tests {
 
     #[test]
     fn tunnel_and_routes_for_a_remote_peer() {
-        let cfg = overlay(&["--overlay-encap=fou"]);
-        let d = desired("a", &cluster(), &host(), &cfg, &mut vec![]).unwrap();
+        let cfg = overlay_of(&["--overlay-encap=fou"]);
+        let d = desired(
+            "a",
+            &cluster(),
+            &crate::testutil::host(true),
+            &cfg,
+            &mut vec![],
+        )
+        .unwrap();
         assert_eq!(
             d.tunnels,
             vec![
@@ -745,9 +726,9 @@ mod tests {
             &[("InternalIP", "192.168.2.12")],
             &["10.244.3.0/24"],
         ));
-        let cfg = overlay(&[]);
+        let cfg = overlay_of(&[]);
         let mut diags = vec![];
-        let d = desired("a", &nodes, &host(), &cfg, &mut diags).unwrap();
+        let d = desired("a", &nodes, &crate::testutil::host(true), &cfg, &mut diags).unwrap();
         assert_eq!(d.tunnels.len(), 2); // c's and the receive tunnel
         assert!(
             diags
@@ -790,9 +771,9 @@ mod tests {
         huge.annotations
             .insert(ANN_POD_CIDRS.into(), "10.1.0.0/24,".repeat(1000));
         nodes.push(huge);
-        let cfg = overlay(&[]);
+        let cfg = overlay_of(&[]);
         let mut diags = vec![];
-        let d = desired("a", &nodes, &host(), &cfg, &mut diags).unwrap();
+        let d = desired("a", &nodes, &crate::testutil::host(true), &cfg, &mut diags).unwrap();
         let by = |n: &str| diags.iter().filter(|x| x.node == n).count();
         assert_eq!(by("noaddr"), 1, "{diags:?}");
         assert_eq!(by("garbage"), 3, "{diags:?}"); // bad address, bad CIDR, then no address
@@ -860,7 +841,14 @@ mod tests {
     #[test]
     fn missing_local_node_plans_nothing() {
         let mut diags = vec![];
-        assert!(desired("zz", &cluster(), &host(), &overlay(&[]), &mut diags).is_none());
+        assert!(desired(
+            "zz",
+            &cluster(),
+            &crate::testutil::host(true),
+            &overlay_of(&[]),
+            &mut diags
+        )
+        .is_none());
         assert_eq!(diags.len(), 1);
     }
 }

@@ -237,8 +237,12 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn overlay_of(args: &[&str]) -> crate::config::Overlay {
+        crate::testutil::config(args).overlay
+    }
     use crate::apply::{FakeKernel, Kernel};
-    use crate::model::{Addr, Encap, RouteKind};
+    use crate::model::{Encap, RouteKind};
     use crate::nodes::{desired, NodeInfo};
 
     fn own() -> Ownership {
@@ -246,34 +250,6 @@ mod tests {
             name_prefix: "kt".into(),
             link_group: 19284,
             protocol: 157,
-        }
-    }
-
-    fn overlay(args: &[&str]) -> crate::config::Overlay {
-        let crate::cli::Parsed::Args(a) =
-            crate::cli::parse(args.iter().copied(), &|_| None).unwrap()
-        else {
-            panic!()
-        };
-        crate::config::Config::from_args(&a).unwrap().overlay
-    }
-
-    fn host() -> Actual {
-        Actual {
-            links: vec![Link {
-                index: 2,
-                name: "eth0".into(),
-                kind: LinkKind::Other(String::new()),
-                group: 0,
-                mtu: 1500,
-                up: true,
-                tunnel: None,
-            }],
-            addrs: vec![Addr {
-                index: 2,
-                addr: "192.168.1.10/24".parse().unwrap(),
-            }],
-            ..Actual::default()
         }
     }
 
@@ -300,7 +276,7 @@ mod tests {
     }
 
     fn want(k: &mut FakeKernel, ns: &[NodeInfo], args: &[&str]) -> (Desired, Actual) {
-        let cfg = overlay(args);
+        let cfg = overlay_of(args);
         let actual = k.read(&own()).unwrap();
         let d = desired("a", ns, &actual, &cfg, &mut vec![]).unwrap();
         (d, actual)
@@ -346,7 +322,7 @@ mod tests {
 
     #[test]
     fn from_nothing_in_dependency_order_then_converged() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         let p = converge(&mut k, &nodes(2), &[]);
         let kinds: Vec<&str> = p
             .ops
@@ -386,7 +362,7 @@ mod tests {
         ];
         for a in combos {
             for b in combos {
-                let mut k = FakeKernel::with(host());
+                let mut k = FakeKernel::with(crate::testutil::host(false));
                 converge(&mut k, &nodes(5), a);
                 converge(&mut k, &nodes(5), b);
                 assert_matches_desired(&mut k, &nodes(5), b);
@@ -397,7 +373,7 @@ mod tests {
 
     #[test]
     fn encap_switch_changes_in_place_and_keeps_routes() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         converge(&mut k, &nodes(3), &[]);
         let before: Vec<u32> = k.state.links.iter().map(|l| l.index).collect();
         let p = converge(&mut k, &nodes(3), &["--overlay-encap=fou"]);
@@ -427,7 +403,7 @@ mod tests {
 
     #[test]
     fn deleted_node_removes_tunnel_without_separate_route_deletes() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         converge(&mut k, &nodes(3), &[]);
         let p = converge(&mut k, &nodes(2), &[]);
         assert_eq!(p.ops.len(), 1, "{:?}", p.ops);
@@ -443,7 +419,7 @@ mod tests {
     #[test]
     fn adding_one_peer_costs_the_same_at_any_size() {
         for n in [1, 1000] {
-            let mut k = FakeKernel::with(host());
+            let mut k = FakeKernel::with(crate::testutil::host(false));
             converge(&mut k, &nodes(n), &[]);
             let p = converge(&mut k, &nodes(n + 1), &[]);
             assert_eq!(p.ops.len(), 3, "n={n}: {:?}", p.ops); // link, table-77 route, pod route
@@ -452,7 +428,7 @@ mod tests {
 
     #[test]
     fn peer_ip_change_is_repaired() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         let mut ns = nodes(2);
         converge(&mut k, &ns, &[]);
         ns[1].addresses[0].1 = "172.16.9.9".into();
@@ -463,7 +439,7 @@ mod tests {
 
     #[test]
     fn foreign_state_is_never_touched() {
-        let mut st = host();
+        let mut st = crate::testutil::host(false);
         // A foreign link named like ours, a foreign ipip link with one of our endpoint pairs,
         // a foreign route and a foreign rule.
         let foreign_tun = |index: u32, name: &str, remote: &str| Link {
@@ -530,7 +506,7 @@ mod tests {
 
     #[test]
     fn drift_is_repaired() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         converge(&mut k, &nodes(3), &["--overlay-encap=fou"]);
         // Someone deletes a tunnel, changes a route and an encap port behind our back.
         let victim = k
@@ -569,19 +545,19 @@ mod tests {
 
     #[test]
     fn cleanup_removes_everything_owned_and_only_that() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         converge(&mut k, &nodes(4), &["--overlay-encap=fou"]);
         let owned: BTreeSet<FouPort> = k.state.fou.iter().copied().collect();
         let actual = k.read(&own()).unwrap();
         let p = plan(&Desired::default(), &actual, &own(), &owned);
         assert!(k.apply(&own(), &p.ops).is_empty());
-        assert_eq!(k.state.links, host().links);
+        assert_eq!(k.state.links, crate::testutil::host(false).links);
         assert!(k.state.routes.is_empty() && k.state.rules.is_empty() && k.state.fou.is_empty());
     }
 
     #[test]
     fn port_change_keeps_old_port_only_while_listed() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         converge(&mut k, &nodes(1), &["--overlay-encap=fou"]);
         converge(
             &mut k,
@@ -608,7 +584,7 @@ mod tests {
 
     #[test]
     fn duplicate_rules_from_a_crash_are_removed() {
-        let mut k = FakeKernel::with(host());
+        let mut k = FakeKernel::with(crate::testutil::host(false));
         converge(&mut k, &nodes(1), &[]);
         let dup = k.state.rules[0].clone();
         k.state.rules.push(dup);
