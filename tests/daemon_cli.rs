@@ -38,7 +38,10 @@ mod tests {
         let v = kr(&["--version"]);
         assert!(v.status.success());
         let v = String::from_utf8_lossy(&v.stdout).into_owned();
-        assert!(v.starts_with("kr-tunneld 0.") && v.contains("(commit "), "{v}");
+        assert!(
+            v.starts_with("kr-tunneld 0.") && v.contains("(commit "),
+            "{v}"
+        );
         // Built from a git checkout (as CI and the packages are): the commit is known.
         if std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.git")).exists() {
             assert!(!v.contains("commit unknown"), "{v}");

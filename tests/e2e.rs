@@ -649,12 +649,16 @@ mod lifecycle_tests {
             let foreign = c.exec(
                 "a",
                 "ip link add ktc0a80232 type ipip remote 192.168.2.99 local 192.168.1.10 && \
+                 ip link add foreignpair type ipip remote 192.168.2.60 local 192.168.1.10 && \
                  ip route add 10.99.0.0/16 via 192.168.1.1 proto 17 && \
                  ip rule add from 10.244.0.0/24 lookup 77 pref 100",
             );
             assert!(foreign.status.success(), "{foreign:?}");
             c.api
                 .put_node(node_json("d", &["192.168.2.50"], &["10.244.50.0/24"]));
+            // e's endpoint pair is held by the foreign link "foreignpair".
+            c.api
+                .put_node(node_json("e", &["192.168.2.60"], &["10.244.60.0/24"]));
             for n in ["a", "b", "c"] {
                 c.start(n, &[]);
             }
@@ -702,6 +706,25 @@ mod lifecycle_tests {
             c.api.put_node(c_node.clone());
             c.wait_for("a's tunnel back to .12", 30, |c| {
                 has_tunnel_to(c, "a", "192.168.2.12")
+            });
+
+            // c's pod CIDR changes -> the route follows.
+            c.api.put_node(node_json(
+                "c",
+                &["192.168.2.12", "fd00:2::12"],
+                &["10.244.22.0/24", "fd10:0:0:2::/64"],
+            ));
+            c.wait_for("route to c's new pod CIDR", 30, |c| {
+                let new = c.ipj("a", &["route", "show", "10.244.22.0/24"]);
+                let old = c.ipj("a", &["route", "show", "10.244.2.0/24"]);
+                new.as_array().map(Vec::len) == Some(1) && old.as_array().map(Vec::len) == Some(0)
+            });
+            c.api.put_node(c_node.clone());
+            c.wait_for("route to c's pod CIDR back", 30, |c| {
+                c.ipj("a", &["route", "show", "10.244.2.0/24"])
+                    .as_array()
+                    .map(Vec::len)
+                    == Some(1)
             });
 
             // Daemon down while the node is deleted -> the orphan goes at the next start (T-9).
@@ -799,6 +822,29 @@ mod lifecycle_tests {
             assert!(
                 log.contains("ktc0a80232") && log.contains("not ours"),
                 "clash not logged\n{}",
+                c.logs()
+            );
+            assert!(
+                log.contains("foreign link foreignpair"),
+                "endpoint-pair clash not logged\n{}",
+                c.logs()
+            );
+            let l = c.ipj("a", &["-d", "link", "show", "foreignpair"]);
+            assert_eq!(
+                l[0]["linkinfo"]["info_data"]["remote"], "192.168.2.60",
+                "{l}"
+            );
+            assert!(
+                !has_tunnel_to(&c, "a", "192.168.2.60"),
+                "a second tunnel for a foreign pair"
+            );
+            // Each clash is logged once per daemon run (a was restarted once), not at every
+            // 2-second resync.
+            let runs = log.matches("(from --hostname-override)").count();
+            assert_eq!(
+                log.matches("foreign link foreignpair").count(),
+                runs,
+                "{}",
                 c.logs()
             );
         });
