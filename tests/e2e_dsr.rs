@@ -74,17 +74,31 @@ fn attach(c: &Cluster, tag: &str) -> (String, String) {
         "ip netns add {cl}; ip link add v{tag}cl type veth peer name eth0 netns {cl}
          ip link set v{tag}cl master br0 up; ip -n {cl} link set lo up; ip -n {cl} link set eth0 up
          ip -n {cl} addr add 192.168.1.50/24 dev eth0; ip -n {cl} route add {VIP}/32 via 192.168.1.10
-         ip netns add {pod}; ip -n {b} link add vpod type veth peer name eth0 netns {pod}
-         ip -n {b} link set vpod up; ip -n {pod} link set lo up; ip -n {pod} link set eth0 up
-         ip -n {b} addr add 10.244.1.253/32 dev vpod; ip -n {b} route add {POD}/32 dev vpod
-         ip -n {pod} addr add {POD}/32 dev eth0; ip -n {pod} route add 10.244.1.253/32 dev eth0
-         ip -n {pod} route add default via 10.244.1.253 dev eth0
-         ip netns exec {b} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward; \
+"
+    );
+    run("sh", &["-c", &script]);
+    add_pod(&b, &pod, POD, "10.244.1.253");
+    (cl, pod)
+}
+
+/// A pod namespace `pod` with address `ip`, behind node namespace `node` (gateway `gw` on the
+/// node's side of the veth).
+fn add_pod(node: &str, pod: &str, ip: &str, gw: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", pod])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let script = format!(
+        "ip netns add {pod}; ip -n {node} link add vpod type veth peer name eth0 netns {pod}
+         ip -n {node} link set vpod up; ip -n {pod} link set lo up; ip -n {pod} link set eth0 up
+         ip -n {node} addr add {gw}/32 dev vpod; ip -n {node} route add {ip}/32 dev vpod
+         ip -n {pod} addr add {ip}/32 dev eth0; ip -n {pod} route add {gw}/32 dev eth0
+         ip -n {pod} route add default via {gw} dev eth0
+         ip netns exec {node} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward; \
              for f in all default vpod eth0; do echo 0 > /proc/sys/net/ipv4/conf/$f/rp_filter; done; \
              echo 1 > /proc/sys/net/ipv4/conf/vpod/accept_local'"
     );
     run("sh", &["-c", &script]);
-    (cl, pod)
 }
 
 /// nft counters: on the director, anything from the VIP (replies must not pass there); on b,
@@ -306,6 +320,66 @@ mod tests {
                 ipvsadm(c).contains(&format!("{POD}:80")) && pod_has_vip(&pod)
             });
             c.wait_for("traffic again", 30, |_| talk(&client).is_ok());
+
+            // A pod on the director node itself, then session affinity across two pods: every
+            // connection of the client lands on the same one.
+            let pod_a = "krtrpoda".to_string();
+            add_pod(&c.node("a").ns, &pod_a, "10.244.0.10", "10.244.0.253");
+            echo_server(&pod_a);
+            c.api.put(SLICES, slice(&[("10.244.0.10", "a")]));
+            c.wait_for("the director's own pod as the only real server", 60, |c| {
+                let l = ipvsadm(c);
+                l.contains("10.244.0.10:80")
+                    && !l.contains(&format!("{POD}:80"))
+                    && pod_has_vip(&pod_a)
+                    && !pod_has_vip(&pod)
+            });
+            c.wait_for("traffic to the pod on the director node", 30, |_| {
+                talk(&client).is_ok()
+            });
+            c.api.put(SERVICES, service(json!({}), true));
+            c.api
+                .put(SLICES, slice(&[("10.244.0.10", "a"), (POD, "b")]));
+            c.wait_for("two real servers, persistent", 60, |c| {
+                let l = ipvsadm(c);
+                l.contains("persistent 10800")
+                    && l.contains("10.244.0.10:80")
+                    && l.contains(&format!("{POD}:80"))
+            });
+            let seen_before =
+                String::from_utf8_lossy(&c.exec("a", "ipvsadm -Lnc").stdout).into_owned();
+            let old_sources: std::collections::BTreeSet<String> = seen_before
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(3))
+                .filter(|s| !s.ends_with(":0"))
+                .map(str::to_string)
+                .collect();
+            for _ in 0..6 {
+                talk(&client)
+                    .unwrap_or_else(|e| panic!("affinity round: {e}\n{}", diagnose(&c, &pod)));
+            }
+            let conns = String::from_utf8_lossy(&c.exec("a", "ipvsadm -Lnc").stdout).into_owned();
+            let dests: std::collections::BTreeSet<&str> = conns
+                .lines()
+                .filter(|l| l.contains("192.168.1.50:"))
+                .filter(|l| {
+                    l.split_whitespace()
+                        .nth(3)
+                        .is_some_and(|src| !old_sources.contains(src))
+                })
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .collect();
+            println!("affinity: client connections went to {dests:?}");
+            assert_eq!(dests.len(), 1, "ClientIP affinity broken: {conns}");
+            let _ = Command::new("ip").args(["netns", "del", &pod_a]).status();
+            c.api.put(SLICES, slice(&[(POD, "b")]));
+            c.api.put(SERVICES, service(json!({}), false));
+            c.wait_for("back to the pod on b", 60, |c| {
+                let l = ipvsadm(c);
+                !l.contains("10.244.0.10:80")
+                    && l.contains(&format!("{POD}:80"))
+                    && !l.contains("persistent")
+            });
 
             // Restart: nothing duplicated, nothing changed.
             let before = ipvsadm(&c);
