@@ -129,6 +129,8 @@ pub struct Daemon<K: Kernel> {
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
     dsr: Option<DsrShell>,
+    /// IPVS services owned and IPVS ops planned by the last DSR pass.
+    dsr_last: (usize, usize),
     /// Peer table of the last reconcile.
     pub peers: Vec<nodes::Peer>,
     /// Counters for metrics.
@@ -153,6 +155,7 @@ impl<K: Kernel> Daemon<K> {
             services: Cache::new(),
             slices: Cache::new(),
             dsr: None,
+            dsr_last: (0, 0),
             peers: Vec::new(),
             metrics: Metrics::default(),
             out,
@@ -274,10 +277,12 @@ impl<K: Kernel> Daemon<K> {
         self.log_new(diags, problems);
         let elapsed = now.elapsed();
         self.peers = desired.peers.clone();
-        let summary = summary(&desired, plan.ops.len(), errors, elapsed);
-        self.metrics
-            .record(&desired, plan.ops.len(), errors, elapsed);
-        if !plan.ops.is_empty() {
+        let (dsr_services, dsr_ops) = self.dsr_last;
+        let ops = plan.ops.len() + dsr_ops;
+        let summary = summary(&desired, dsr_services, ops, errors, elapsed);
+        self.metrics.record(&desired, ops, errors, elapsed);
+        self.metrics.dsr_services = dsr_services;
+        if ops > 0 {
             if errors > 0 {
                 log::warn!("{summary}");
             } else {
@@ -287,7 +292,7 @@ impl<K: Kernel> Daemon<K> {
             log::debug!("{summary}");
         }
         Ok(Outcome {
-            planned: plan.ops.len(),
+            planned: ops,
             failed: errors,
             summary,
         })
@@ -347,6 +352,7 @@ impl<K: Kernel> Daemon<K> {
             node_ips: &node_ips,
         };
         let p = dsr::plan(&inputs, &shell.settings, &ipvs, &owned);
+        self.dsr_last = (p.ipvs.record.len(), p.ipvs.ops.len());
         problems.extend(p.diags.iter().map(|d| d.to_string()));
         if self.cfg.dry_run {
             for op in &p.ipvs.ops {
@@ -464,7 +470,13 @@ impl<K: Kernel> Daemon<K> {
 }
 
 /// The one-line reconcile summary (SPEC O-6).
-pub fn summary(d: &Desired, ops: usize, failed: usize, took: Duration) -> String {
+pub fn summary(
+    d: &Desired,
+    dsr_services: usize,
+    ops: usize,
+    failed: usize,
+    took: Duration,
+) -> String {
     let mut by_encap: BTreeMap<String, usize> = BTreeMap::new();
     let mut direct = 0;
     for p in &d.peers {
@@ -485,10 +497,11 @@ pub fn summary(d: &Desired, ops: usize, failed: usize, took: Duration) -> String
     let peers: BTreeSet<&str> = d.peers.iter().map(|p| p.node.as_str()).collect();
     let tunnels: Vec<String> = by_encap.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
-        "reconciled: peers={} tunnels=[{}] direct={} ops={} failed={} took={}ms",
+        "reconciled: peers={} tunnels=[{}] direct={} dsr={} ops={} failed={} took={}ms",
         peers.len(),
         tunnels.join(" "),
         direct,
+        dsr_services,
         ops,
         failed,
         took.as_millis()
@@ -934,6 +947,8 @@ mod tests {
         d.on_slices(Update::Replace(slices));
         let o = d.reconcile(Instant::now()).unwrap();
         assert_eq!(o.failed, 0, "{o:?}");
+        assert!(o.summary.contains(" dsr=2 "), "{}", o.summary);
+        assert!(d.metrics.render().contains("kr_tunneld_dsr_services 2\n"));
         let state = ipvs.lock().unwrap().state.clone();
         assert_eq!(state.services.len(), 2, "{state:?}");
         assert!(state.dests.values().all(|v| v.len() == 2), "{state:?}");

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub watch_restarts: u64,
     /// Relists (from the watch threads).
     pub relists: u64,
+    /// IPVS virtual services kr-tunneld owns (DSR).
+    pub dsr_services: usize,
 }
 
 impl Metrics {
@@ -133,6 +135,12 @@ impl Metrics {
             "gauge",
             "Duration of the last reconcile.",
             vec![format!(" {:.6}", self.last_duration.as_secs_f64())],
+        );
+        metric(
+            "dsr_services",
+            "gauge",
+            "IPVS virtual services owned for DSR.",
+            vec![format!(" {}", self.dsr_services)],
         );
         metric(
             "watch_restarts_total",
