@@ -11,7 +11,8 @@
 //! remote), never by name alone (SPEC T-3); foreign objects are never touched (SPEC T-4): a clash
 //! is reported and the wanted object skipped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 
 use crate::model::{
     Actual, Family, FouPort, Link, LinkKind, NextHop, Op, Ownership, Route, Rule, Tunnel,
@@ -56,6 +57,24 @@ pub fn plan(
         .filter(|l| own.owns_link(l))
         .map(|l| (l.index, l))
         .collect();
+    // Indexes, so planning stays O(n log n) in the number of peers (SPEC P-3): tunnels by
+    // (kind, local, remote), owned and foreign, and links by name.
+    let mut owned_by_ends: HashMap<(&LinkKind, IpAddr, IpAddr), u32> = HashMap::new();
+    let mut foreign_by_ends: HashMap<(&LinkKind, IpAddr, IpAddr), &Link> = HashMap::new();
+    for l in &actual.links {
+        if let Some(t) = &l.tunnel {
+            if own.owns_link(l) {
+                owned_by_ends
+                    .entry((&l.kind, t.local, t.remote))
+                    .or_insert(l.index);
+            } else {
+                foreign_by_ends
+                    .entry((&l.kind, t.local, t.remote))
+                    .or_insert(l);
+            }
+        }
+    }
+    let by_name: HashMap<&str, &Link> = actual.links.iter().map(|l| (l.name.as_str(), l)).collect();
 
     // FOU ports: open the missing ones first.
     for f in &desired.fou {
@@ -75,12 +94,12 @@ pub fn plan(
 
     for want in &desired.tunnels {
         let kind = LinkKind::for_family(want.family);
-        let same_ends = |t: &Tunnel| t.local == want.local && t.remote == want.remote;
+        let ends = (&kind, want.local, want.remote);
         // 1. An owned link of this kind with the same endpoints: keep it, repair attributes.
-        let by_attrs = unmatched
-            .values()
-            .find(|l| l.kind == kind && l.tunnel.as_ref().is_some_and(same_ends))
-            .map(|l| l.index);
+        let by_attrs = owned_by_ends
+            .get(&ends)
+            .copied()
+            .filter(|i| unmatched.contains_key(i));
         if let Some(index) = by_attrs {
             let Some(l) = unmatched.remove(&index) else {
                 continue;
@@ -112,7 +131,7 @@ pub fn plan(
             continue;
         }
         // 2. A link holding the wanted name.
-        if let Some(l) = actual.links.iter().find(|l| l.name == want.name) {
+        if let Some(l) = by_name.get(want.name.as_str()).copied() {
             if unmatched.remove(&l.index).is_some() && l.kind == kind {
                 // Ours, other endpoints (the peer's or our IP changed): change in place.
                 tunnel_ops.push(Op::ChangeTunnel {
@@ -142,9 +161,7 @@ pub fn plan(
             continue;
         }
         // 3. A foreign tunnel with our endpoint pair: the kernel would refuse a second one.
-        if let Some(l) = actual.links.iter().find(|l| {
-            l.kind == kind && !own.owns_link(l) && l.tunnel.as_ref().is_some_and(same_ends)
-        }) {
+        if let Some(l) = foreign_by_ends.get(&ends).copied() {
             p.clashes.push(format!(
                 "tunnel {} to {}: foreign link {} already tunnels {} -> {}; leaving it alone",
                 want.name, want.remote, l.name, want.local, want.remote
@@ -192,17 +209,19 @@ pub fn plan(
             _ => None,
         })
         .collect();
+    let have_routes: HashSet<&Route> = actual.routes.iter().collect();
     for r in wanted_routes.values() {
         let fresh_dev = matches!(&r.nexthop, NextHop::Dev(d) if created.contains(d));
-        if fresh_dev || !actual.routes.iter().any(|a| a == *r) {
+        if fresh_dev || !have_routes.contains(*r) {
             p.ops.push(Op::ReplaceRoute((*r).clone()));
         }
     }
 
     // Rules: add what is missing, then delete what nothing wants.
     let wanted_rules: BTreeSet<&Rule> = desired.rules.iter().collect();
+    let have_rules: BTreeSet<&Rule> = actual.rules.iter().collect();
     for r in &wanted_rules {
-        if !actual.rules.contains(r) {
+        if !have_rules.contains(*r) {
             p.ops.push(Op::AddRule((*r).clone()));
         }
     }
