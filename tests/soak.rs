@@ -177,7 +177,11 @@ impl Daemon {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
             let st = c.wait().expect("wait");
-            assert!(st.success(), "kr-tunneld exited with {st}\n{}", tail(&self.log()));
+            assert!(
+                st.success(),
+                "kr-tunneld exited with {st}\n{}",
+                tail(&self.log())
+            );
         }
     }
 
@@ -259,7 +263,10 @@ fn wait_until(what: &str, secs: u64, d: &mut Daemon, mut check: impl FnMut() -> 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("timed out after {secs}s waiting for {what}\n{}", tail(&d.log()));
+    panic!(
+        "timed out after {secs}s waiting for {what}\n{}",
+        tail(&d.log())
+    );
 }
 
 #[cfg(test)]
@@ -294,12 +301,17 @@ mod kill9 {
             let clean = snapshot(&mut k).expect("snapshot");
             let links = clean.lines().filter(|l| l.starts_with("link ")).count();
             assert_eq!(links, peers as usize + 1, "{clean}");
-            eprintln!("clean run: {peers} peers in {took:?}, {} objects", clean.lines().count());
+            eprintln!(
+                "clean run: {peers} peers in {took:?}, {} objects",
+                clean.lines().count()
+            );
             d.stop();
             d.cleanup();
             let empty = snapshot(&mut k).expect("snapshot");
             assert!(
-                empty.lines().all(|l| l.starts_with("fou ") && !l.contains("5555")),
+                empty
+                    .lines()
+                    .all(|l| l.starts_with("fou ") && !l.contains("5555")),
                 "cleanup left: {empty}"
             );
 
@@ -319,7 +331,9 @@ mod kill9 {
                     d.start();
                     let t = Instant::now();
                     loop {
-                        let n = k.links().map(|l| l.iter().filter(|l| own().owns_link(l)).count());
+                        let n = k
+                            .links()
+                            .map(|l| l.iter().filter(|l| own().owns_link(l)).count());
                         if n.is_ok_and(|n| n >= target) || t.elapsed() > took * 3 {
                             break;
                         }
@@ -381,7 +395,10 @@ mod kill9 {
 
     fn d_log_has(dir: &Path, needle: &str) -> bool {
         std::fs::read_to_string(dir.join("daemon.log"))
-            .map(|s| s.lines().any(|l| l.contains(needle) && l.contains(" failed=0 ")))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.contains(needle) && l.contains(" failed=0 "))
+            })
             .unwrap_or(false)
     }
 }
@@ -483,7 +500,8 @@ impl FaultProxy {
     pub fn set(&self, f: Fault) {
         *self.state.mode.lock().unwrap_or_else(|p| p.into_inner()) = f;
         self.state.epoch.fetch_add(1, Ordering::SeqCst);
-        let conns = std::mem::take(&mut *self.state.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        let conns =
+            std::mem::take(&mut *self.state.conns.lock().unwrap_or_else(|p| p.into_inner()));
         for c in conns {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
@@ -491,7 +509,11 @@ impl FaultProxy {
 
     /// How many requests got each treatment.
     pub fn served(&self) -> BTreeMap<Fault, u64> {
-        self.state.served.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.state
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -622,6 +644,9 @@ fn handle(mut c: TcpStream, st: &ProxyState) -> std::io::Result<()> {
 mod faults {
     use super::*;
 
+    /// The kernel's tunnel remotes at a moment.
+    type Sample = (Instant, BTreeSet<IpAddr>);
+
     #[derive(Debug, Clone)]
     enum Change {
         Added(IpAddr),
@@ -658,7 +683,7 @@ mod faults {
 
             // The sampler: the kernel's tunnels, several times a second, with the time.
             let history: Arc<Mutex<Vec<(Instant, Change)>>> = Arc::default();
-            let samples: Arc<Mutex<Vec<(Instant, BTreeSet<IpAddr>)>>> = Arc::default();
+            let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
             let sampling = Arc::new(AtomicBool::new(true));
             let blackout: Arc<Mutex<Option<(Instant, Instant)>>> = Arc::default();
             std::thread::scope(|s| {

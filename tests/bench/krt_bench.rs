@@ -574,7 +574,11 @@ fn cpu_ticks(pid: u32) -> u64 {
         return 0;
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let get = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     get(14) + get(15)
 }
 
@@ -638,7 +642,11 @@ fn daemon(bin: &Path, peers: u32, idle: u64) {
         let converged = converged.expect("kr-tunneld did not converge in 900 s");
         let mut k = NetlinkKernel::open().expect("open netlink");
         let got = objects(&mut k, &cfg.own);
-        assert_eq!(got, (want_links, 2 * peers as usize, 1), "kernel state after convergence");
+        assert_eq!(
+            got,
+            (want_links, 2 * peers as usize, 1),
+            "kernel state after convergence"
+        );
         // Let the first pass finish its logging before measuring the idle time.
         std::thread::sleep(Duration::from_secs(2));
         let hwm_converged = proc_status(pid, "VmHWM:");
@@ -703,14 +711,14 @@ fn decode(secs: f64, list_nodes: u32) {
     }
     let el = t.elapsed().as_secs_f64();
     result("decode.recorded_lines", lines.len());
-    result(
-        "decode.avg_event_bytes",
-        bytes / lines.len().max(1),
-    );
+    result("decode.avg_event_bytes", bytes / lines.len().max(1));
     result("decode.events_per_s", format!("{:.0}", n as f64 / el));
     result(
         "decode.mb_per_s",
-        format!("{:.1}", n as f64 * (bytes as f64 / lines.len() as f64) / el / 1e6),
+        format!(
+            "{:.1}",
+            n as f64 * (bytes as f64 / lines.len() as f64) / el / 1e6
+        ),
     );
     // The whole watch machine: line splitting, decoding, cache, updates.
     let mut m = WatchMachine::<Node>::new(WatchConfig::default(), 1);
@@ -876,8 +884,12 @@ fn table(files: &[PathBuf]) {
         );
     }
     let ratio = |a: u32, b: u32| -> String {
-        let x: Option<f64> = r.get(&format!("p3.{a}.add_one_ms")).and_then(|v| v.parse().ok());
-        let y: Option<f64> = r.get(&format!("p3.{b}.add_one_ms")).and_then(|v| v.parse().ok());
+        let x: Option<f64> = r
+            .get(&format!("p3.{a}.add_one_ms"))
+            .and_then(|v| v.parse().ok());
+        let y: Option<f64> = r
+            .get(&format!("p3.{b}.add_one_ms"))
+            .and_then(|v| v.parse().ok());
         match (x, y) {
             (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
             _ => "–".into(),
@@ -966,12 +978,21 @@ fn main() -> ExitCode {
         }
         Some("daemon") => {
             let bin: PathBuf = arg(&args, "--bin", PathBuf::from("target/release/kr-tunneld"));
-            daemon(&bin, arg(&args, "--peers", 5000u32), arg(&args, "--idle", 60u64));
+            daemon(
+                &bin,
+                arg(&args, "--peers", 5000u32),
+                arg(&args, "--idle", 60u64),
+            );
         }
         Some("decode") => decode(arg(&args, "--secs", 2.0f64), arg(&args, "--list", 5000u32)),
         Some("planner") => {
             let sizes: String = arg(&args, "--sizes", "1000,5000,10000".to_string());
-            planner(&sizes.split(',').filter_map(|s| s.parse().ok()).collect::<Vec<_>>());
+            planner(
+                &sizes
+                    .split(',')
+                    .filter_map(|s| s.parse().ok())
+                    .collect::<Vec<_>>(),
+            );
         }
         Some("table") => table(&args[1..].iter().map(PathBuf::from).collect::<Vec<_>>()),
         _ => {
@@ -981,4 +1002,3 @@ fn main() -> ExitCode {
     }
     ExitCode::SUCCESS
 }
-

@@ -48,7 +48,9 @@ mod tests {
         }
     }
 
-    const INTERESTING: &[u8] = &[0, 1, 2, 3, 4, 7, 8, 0x10, 0x7f, 0x80, 0xfe, 0xff, b'"', b'{', b'\n'];
+    const INTERESTING: &[u8] = &[
+        0, 1, 2, 3, 4, 7, 8, 0x10, 0x7f, 0x80, 0xfe, 0xff, b'"', b'{', b'\n',
+    ];
 
     fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
         let mut v = input.to_vec();
@@ -118,7 +120,10 @@ mod tests {
         let mut total = 0;
         for (name, f) in TARGETS {
             let mut inputs = files(&dir("seeds", name));
-            assert!(!inputs.is_empty(), "no seeds for {name}: run tests/fuzz/seeds.py");
+            assert!(
+                !inputs.is_empty(),
+                "no seeds for {name}: run tests/fuzz/seeds.py"
+            );
             inputs.extend(files(&dir("regressions", name)));
             for i in &inputs {
                 run_one(name, *f, i);

@@ -22,7 +22,10 @@ use kr_tunneld::nodes::{self, NodeInfo};
 
 /// Every target by name, for the replay test (`nl_socket` is cargo-fuzz only: the socket's
 /// framing code is crate-private and is compiled into that target by path).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target's body.
+pub type Target = fn(&[u8]);
+
+pub const TARGETS: &[(&str, Target)] = &[
     ("watch_event", watch_event),
     ("watch_stream", watch_stream),
     ("kube_list", kube_list),
@@ -73,9 +76,11 @@ fn overlay() -> kr_tunneld::config::Overlay {
     CFG.get_or_init(|| {
         let args = ["--enable-ipv6=true", "--overlay-type=full"];
         match kr_tunneld::cli::parse(args.iter().copied(), &|_| None) {
-            Ok(kr_tunneld::cli::Parsed::Args(a)) => kr_tunneld::config::Config::from_args(&a)
-                .expect("config")
-                .overlay,
+            Ok(kr_tunneld::cli::Parsed::Args(a)) => {
+                kr_tunneld::config::Config::from_args(&a)
+                    .expect("config")
+                    .overlay
+            }
             _ => panic!("flags"),
         }
     })
