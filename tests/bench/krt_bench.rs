@@ -582,7 +582,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(14) + get(15)
 }
 
-fn daemon(bin: &Path, peers: u32, idle: u64) {
+fn daemon(bin: &Path, peers: u32, idle: u64, wrap: &str) {
     let cfg = overlay();
     let want_links = peers as usize + 1; // + the receive-only tunnel
     let dir = std::env::temp_dir().join(format!("krt-bench-daemon-{}", std::process::id()));
@@ -600,7 +600,17 @@ fn daemon(bin: &Path, peers: u32, idle: u64) {
         }
         let log = std::fs::File::create(&log_path).expect("log file");
         let t = Instant::now();
-        let mut child = Command::new(bin)
+        // `--wrap "valgrind --tool=massif ..."` runs the daemon under a profiler (the /proc
+        // figures are then the wrapper's).
+        let mut cmd = match wrap.split_whitespace().collect::<Vec<_>>().split_first() {
+            Some((w, wargs)) => {
+                let mut c = Command::new(w);
+                c.args(wargs).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args([
                 "--master",
                 &format!("http://{}", api.addr),
@@ -982,6 +992,7 @@ fn main() -> ExitCode {
                 &bin,
                 arg(&args, "--peers", 5000u32),
                 arg(&args, "--idle", 60u64),
+                &arg(&args, "--wrap", String::new()),
             );
         }
         Some("decode") => decode(arg(&args, "--secs", 2.0f64), arg(&args, "--list", 5000u32)),
