@@ -30,3 +30,11 @@ mod daemon_cli;
 mod e2e_dsr;
 // DSR against a real kernel: IPVS via our netlink vs ipvsadm, pod receivers, end to end (root; #[ignore]d).
 mod dsr_kernel;
+// The fuzz targets' bodies (tests/fuzz/targets.rs, shared with cargo-fuzz) and their stable-Rust
+// replay: seeds, past crashes and deterministic mutations, no panic allowed.
+#[path = "fuzz/replay.rs"]
+mod fuzz_replay;
+#[path = "fuzz/targets.rs"]
+mod fuzz_targets;
+// Fault soak: kill -9 mid-converge and API faults against the real binary (root; #[ignore]d).
+mod soak;
