@@ -891,3 +891,55 @@ mod known_bugs {
         });
     }
 }
+
+#[cfg(test)]
+mod known_bugs_watch {
+    use std::time::{Duration, Instant};
+
+    use kr_tunneld::kube::watch::{Next, WatchMachine};
+    use kr_tunneld::kube::{KubeError, Node, WatchConfig};
+
+    /// A watch that the server answered with 200 and kept open for minutes, then lost to a
+    /// connection reset (an idle timeout of a load balancer in front of the API, an API server
+    /// restart), is not a failed attempt: the next watch should start after the first backoff
+    /// step, not after an ever longer one. Known bug, noticed while reading the API fault soak's
+    /// request counts (27 requests in 300 s, most of the time in long backoffs): `WatchMachine` resets
+    /// `failures` only on a list page, an event or a clean end of stream (src/kube/watch.rs
+    /// `recovered`), so on a quiet cluster every cut of an idle watch grows the backoff to its 30 s
+    /// cap. Skipped unless `KR_KNOWN_BUGS=1`.
+    #[test]
+    fn a_long_lived_idle_watch_cut_does_not_grow_the_backoff() {
+        if std::env::var_os("KR_KNOWN_BUGS").is_none() {
+            eprintln!("skipped: known bug (set KR_KNOWN_BUGS=1 to run)");
+            return;
+        }
+        let mut m = WatchMachine::<Node>::new(WatchConfig::default(), 3);
+        let mut now = Instant::now();
+        assert!(matches!(m.next(now), Next::List { .. }));
+        m.list_page(
+            br#"{"kind":"NodeList","metadata":{"resourceVersion":"10"},"items":[]}"#,
+            now,
+        );
+        let reset = KubeError::Transport {
+            op: "watch nodes".into(),
+            reason: "connection reset by peer".into(),
+        };
+        for cut in 0..8 {
+            let Next::Watch { .. } = m.next(now) else {
+                panic!("cut {cut}: expected a watch")
+            };
+            m.watch_opened(now);
+            now += Duration::from_secs(120); // open and healthy for 2 minutes, no events
+            m.watch_ended(Some(&reset), now);
+            let wait = match m.next(now) {
+                Next::Wait { until } => until - now,
+                _ => Duration::ZERO,
+            };
+            assert!(
+                wait <= Duration::from_secs(1),
+                "cut {cut} of a 2-minute healthy watch: next watch in {wait:?}"
+            );
+            now += wait;
+        }
+    }
+}
