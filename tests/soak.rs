@@ -841,15 +841,11 @@ mod known_bugs {
     /// Each applied op is logged once (SPEC O-6's journal stays readable at 5,000 peers).
     /// Known bug, found by the P-4 benchmark (2.0 info lines per created tunnel): both
     /// `NetlinkKernel::apply` (src/netlink/kernel.rs, `flush` and the FOU branch) and
-    /// `Daemon::reconcile` (src/daemon.rs) log every successful op at info. Skipped unless
-    /// `KR_KNOWN_BUGS=1` until the fix lands (then drop the gate).
+    /// `Daemon::reconcile` (src/daemon.rs) logged every successful op at info (fixed: only the
+    /// kernel shells log ops now).
     #[test]
     #[ignore = "needs root and ipip/fou: run by tests/run-kernel-tests.sh"]
     fn each_applied_op_is_logged_once() {
-        if std::env::var_os("KR_KNOWN_BUGS").is_none() {
-            eprintln!("skipped: known bug (set KR_KNOWN_BUGS=1 to run)");
-            return;
-        }
         rig::in_new_netns(|| {
             setup_host();
             let api = FakeApi::start("127.0.0.1:0");
@@ -906,13 +902,9 @@ mod known_bugs_watch {
     /// request counts (27 requests in 300 s, most of the time in long backoffs): `WatchMachine` resets
     /// `failures` only on a list page, an event or a clean end of stream (src/kube/watch.rs
     /// `recovered`), so on a quiet cluster every cut of an idle watch grows the backoff to its 30 s
-    /// cap. Skipped unless `KR_KNOWN_BUGS=1`.
+    /// cap (fixed in `watch_ended`: a watch that lived at least the backoff cap resets it).
     #[test]
     fn a_long_lived_idle_watch_cut_does_not_grow_the_backoff() {
-        if std::env::var_os("KR_KNOWN_BUGS").is_none() {
-            eprintln!("skipped: known bug (set KR_KNOWN_BUGS=1 to run)");
-            return;
-        }
         let mut m = WatchMachine::<Node>::new(WatchConfig::default(), 3);
         let mut now = Instant::now();
         assert!(matches!(m.next(now), Next::List { .. }));

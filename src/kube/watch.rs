@@ -480,6 +480,12 @@ impl<T: Resource> WatchMachine<T> {
         self.line.clear();
         match err {
             Some(e) => {
+                // A watch that ran at least as long as the backoff cap was healthy: its cut is
+                // a first failure, not one more in a row (else a quiet cluster's idle watches,
+                // cut now and then by proxies, would ratchet the delay up to the cap).
+                if now.saturating_duration_since(started) >= self.cfg.backoff_max {
+                    self.recovered(now);
+                }
                 let what = self.what_watch();
                 self.fault(class_of(e), &what, e, false, now);
             }
