@@ -44,6 +44,13 @@ phase() {
   ((rc == 0)) || RC=1
 }
 
+# Host tools the cargo-test phase uses: openssl makes the test CA and serves TLS for the kube
+# client's TLS tests (they would otherwise print a note and pass without testing anything).
+if ! command -v openssl >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  echo "=== installing openssl for the TLS tests"
+  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends openssl >/dev/null
+fi
+
 phase cargo-test cargo test
 if [[ ${KRT_SKIP_KERNEL_TESTS:-0} == 1 ]]; then
   SUMMARY+=("kernel-tests: SKIPPED (KRT_SKIP_KERNEL_TESTS=1)")
