@@ -614,8 +614,46 @@ mod switch_tests {
                 .iter()
                 .map(|n| (n.to_string(), counter(n)))
                 .collect();
-            println!("wire counters: {counts:?}");
-            assert!(counter("gue6000") > 20, "{counts:?}");
+            println!("wire counters (router): {counts:?}");
+            // What node c receives now, counted at its own ingress (the router's counters can miss
+            // packets once IPv6 redirects let the nodes talk directly over the bridge): pings in
+            // both families must arrive as GUE to 6000, and nothing as plain IPIP or to 5555.
+            let nft = c.exec(
+                "c",
+                "nft -f - <<'EOF'
+table inet rx {
+  counter g6000 { }
+  counter g5555 { }
+  counter plain { }
+  chain pre { type filter hook prerouting priority 0;
+    udp dport 6000 counter name g6000
+    udp dport 5555 counter name g5555
+    meta l4proto { 4, 41 } counter name plain
+  }
+}
+EOF",
+            );
+            assert!(nft.status.success(), "{nft:?}");
+            assert!(
+                c.ping("a", "c", false, 5) && c.ping("a", "c", true, 5),
+                "{}",
+                c.logs()
+            );
+            let rx = |name: &str| -> u64 {
+                let out = c.exec("c", &format!("nft -j list counter inet rx {name}"));
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                v["nftables"]
+                    .as_array()
+                    .and_then(|a| a.iter().find_map(|o| o["counter"]["packets"].as_u64()))
+                    .unwrap_or_else(|| panic!("no counter {name} on c: {v}"))
+            };
+            let (g6000, g5555, plain) = (rx("g6000"), rx("g5555"), rx("plain"));
+            println!("received by c after the port change: gue6000={g6000} gue5555={g5555} plain={plain}");
+            assert!(
+                g6000 >= 10 && g5555 == 0 && plain == 0,
+                "c received 6000={g6000} 5555={g5555} plain={plain}\n{}",
+                c.logs()
+            );
             // 5555 is closed again on every node: only 6000 remains open.
             for n in ["a", "b", "c"] {
                 let fou = c.exec(n, "ip fou show; ip -6 fou show");

@@ -300,6 +300,16 @@ pub fn link_dump() -> Request {
     Request::new(RTM_GETLINK, 0, &m)
 }
 
+/// Asks for one link by name (`RTM_GETLINK` with `IFLA_IFNAME`, no statistics): after creating a
+/// few tunnels this learns their ifindex without dumping every link (SPEC P-3).
+pub fn link_get(name: &str) -> Request {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    m.attributes
+        .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+    Request::new(RTM_GETLINK, 0, &m)
+}
+
 /// Parses an `RTM_NEWLINK` body (a dump entry, or one of our own requests) into a [`Link`].
 pub fn parse_link(payload: &[u8]) -> Result<Link, DecodeError> {
     let header = LinkHeader::parse(payload)?;
