@@ -61,6 +61,10 @@ pub trait Kernel {
     /// index and error of every op that failed. Implementations may batch several requests per
     /// send (SPEC P-1) as long as the order is kept.
     fn apply(&mut self, own: &Ownership, ops: &[Op]) -> Vec<(usize, KernelError)>;
+
+    /// The links of these names that exist (one lookup each, no dump): how the incremental path
+    /// learns what it just created or changed (SPEC P-3).
+    fn links_named(&mut self, names: &[&str]) -> Result<Vec<Link>, KernelError>;
 }
 
 /// An in-memory kernel: applies ops to an [`Actual`] and records them. Used by unit and scenario
@@ -212,5 +216,15 @@ impl Kernel for FakeKernel {
             }
         }
         failed
+    }
+
+    fn links_named(&mut self, names: &[&str]) -> Result<Vec<Link>, KernelError> {
+        Ok(self
+            .state
+            .links
+            .iter()
+            .filter(|l| names.contains(&l.name.as_str()))
+            .cloned()
+            .collect())
     }
 }

@@ -3,12 +3,15 @@
 //! Shell module. Watch threads and the signal thread send [`Event`]s into one channel; the main
 //! thread keeps the watch caches, and on every change (coalesced), on the resync timer and on
 //! SIGHUP it rebuilds the desired state from the whole cache, reads the kernel, plans and applies
-//! (SPEC T-9). Nothing here decides what the kernel should hold: [`crate::nodes`] and
+//! (SPEC T-9). A change of peer Nodes alone is planned incrementally: only those peers' objects,
+//! against the kernel state kept from the last full pass (SPEC P-3). Nothing here decides what the kernel should hold: [`crate::nodes`] and
 //! [`crate::reconcile`] do. SIGTERM/SIGINT stop the loop and leave the data path in place
 //! (SPEC O-4).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -19,7 +22,7 @@ use crate::dsr;
 use crate::kube::types::{EndpointSlice, Node, Service};
 use crate::kube::{Resource, Update};
 use crate::metrics::Metrics;
-use crate::model::{Encap, Family, FouPort, Op};
+use crate::model::{Actual, Encap, Family, FouPort, NextHop, Op};
 use crate::netlink::ipvs::IpvsKernel;
 use crate::nodes::{self, Desired, Diag, Mode, NodeInfo};
 use crate::podns::PodsReport;
@@ -50,7 +53,14 @@ pub fn node_info(n: &Node) -> NodeInfo {
             .iter()
             .map(|a| (a.type_.clone(), a.address.clone()))
             .collect(),
-        annotations: n.metadata.annotations.clone(),
+        // Only the annotations the overlay reads: a real Node carries a dozen more.
+        annotations: n
+            .metadata
+            .annotations
+            .iter()
+            .filter(|(k, _)| *k == nodes::ANN_POD_CIDRS || *k == nodes::ANN_POD_CIDR)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         pod_cidr: (!n.spec.pod_cidr.is_empty()).then(|| n.spec.pod_cidr.clone()),
         pod_cidrs: n.spec.pod_cidrs.clone(),
     }
@@ -116,6 +126,14 @@ impl<T: Resource> Cache<T> {
     }
 }
 
+/// What a full pass leaves for the incremental path (SPEC P-3): the kernel state as it stands
+/// after the pass, and what the desired state was computed from.
+struct Last {
+    actual: Actual,
+    ctx: nodes::Context,
+    claims: nodes::Claims,
+}
+
 /// The daemon state owned by the main thread.
 pub struct Daemon<K: Kernel> {
     cfg: Config,
@@ -131,8 +149,15 @@ pub struct Daemon<K: Kernel> {
     dsr: Option<DsrShell>,
     /// IPVS services owned and IPVS ops planned by the last DSR pass.
     dsr_last: (usize, usize),
-    /// Peer table of the last reconcile.
-    pub peers: Vec<nodes::Peer>,
+    /// The desired state of the last reconcile (its peer table is what `status` shows).
+    desired: Desired,
+    /// Peers whose Node changed since the last pass.
+    changed: BTreeSet<String>,
+    /// The next pass must read the whole kernel (first pass, relist, SIGHUP, resync timer, the
+    /// local node or DSR input changed, a failure).
+    full: bool,
+    /// State for the incremental path; `None` forces a full pass.
+    last: Option<Last>,
     /// Counters for metrics.
     pub metrics: Metrics,
     out: Box<dyn Write + Send>,
@@ -156,7 +181,10 @@ impl<K: Kernel> Daemon<K> {
             slices: Cache::new(),
             dsr: None,
             dsr_last: (0, 0),
-            peers: Vec::new(),
+            desired: Desired::default(),
+            changed: BTreeSet::new(),
+            full: true,
+            last: None,
             metrics: Metrics::default(),
             out,
         }
@@ -171,11 +199,23 @@ impl<K: Kernel> Daemon<K> {
     /// Apply a Service cache update.
     pub fn on_services(&mut self, u: Update<Service>) {
         self.services.apply(u);
+        self.full = true;
     }
 
     /// Apply an EndpointSlice cache update.
     pub fn on_slices(&mut self, u: Update<EndpointSlice>) {
         self.slices.apply(u);
+        self.full = true;
+    }
+
+    /// Make the next pass a full one (SIGHUP, the resync timer).
+    pub fn request_full(&mut self) {
+        self.full = true;
+    }
+
+    /// The peer table of the last reconcile.
+    pub fn peers(&self) -> &[nodes::Peer] {
+        &self.desired.peers
     }
 
     /// Whether the node cache has been listed at least once.
@@ -188,59 +228,190 @@ impl<K: Kernel> Daemon<K> {
         &mut self.kernel
     }
 
-    /// Apply a Node cache update.
-    pub fn on_nodes(&mut self, u: Update<Node>) {
-        match u {
+    /// Apply a Node cache update; `false` when nothing the overlay uses changed (a Node's status
+    /// heartbeats, labels, other annotations), so no pass is needed.
+    pub fn on_nodes(&mut self, u: Update<Node>) -> bool {
+        let name = match u {
             Update::Replace(all) => {
                 self.nodes = all
                     .iter()
                     .map(|n| (n.metadata.name.clone(), node_info(n)))
                     .collect();
                 self.synced = true;
+                self.full = true;
+                return true;
             }
             Update::Upsert(n) => {
-                self.nodes.insert(n.metadata.name.clone(), node_info(&n));
+                let info = node_info(&n);
+                if self.nodes.get(&n.metadata.name) == Some(&info) {
+                    return false;
+                }
+                self.nodes.insert(n.metadata.name.clone(), info);
+                n.metadata.name
             }
             Update::Delete(n) => {
-                self.nodes.remove(&n.metadata.name);
+                if self.nodes.remove(&n.metadata.name).is_none() {
+                    return false;
+                }
+                n.metadata.name
             }
+        };
+        if name == self.local {
+            self.full = true;
+        } else {
+            self.changed.insert(name);
         }
+        true
     }
 
     /// Log each problem once per change: a line appears when it first shows up, not on every
-    /// resync (SPEC N-4).
-    fn log_new(&mut self, diags: Vec<Diag>, problems: Vec<String>) {
-        let diags: BTreeSet<Diag> = diags.into_iter().collect();
+    /// resync (SPEC N-4). `scope`: the nodes an incremental pass looked at; the diagnostics of
+    /// the others stand, and problems are only added (the next full pass prunes them).
+    fn log_new(
+        &mut self,
+        diags: Vec<Diag>,
+        problems: Vec<String>,
+        scope: Option<&BTreeSet<String>>,
+    ) {
+        let mut diags: BTreeSet<Diag> = diags.into_iter().collect();
         for d in diags.difference(&self.last_diags) {
             log::warn!("{d}");
         }
-        self.last_diags = diags;
         let problems: BTreeSet<String> = problems.into_iter().collect();
         for p in problems.difference(&self.last_problems) {
             log::warn!("{p}");
         }
-        self.last_problems = problems;
+        match scope {
+            None => {
+                self.last_diags = diags;
+                self.last_problems = problems;
+            }
+            Some(nodes) => {
+                self.last_diags.retain(|d| !nodes.contains(&d.node));
+                self.last_diags.append(&mut diags);
+                self.last_problems.extend(problems);
+            }
+        }
+    }
+
+    /// The incremental pass (see [`Daemon::reconcile`]); `None` when it does not apply and a full
+    /// pass must run.
+    fn incremental(&mut self, now: Instant) -> Option<Outcome> {
+        if self.full || self.changed.is_empty() || self.cfg.dry_run || self.cfg.dsr.enabled {
+            return None;
+        }
+        let mut last = self.last.take()?;
+        let changed = std::mem::take(&mut self.changed);
+        let cfg = &self.cfg.overlay;
+        let mut diags = Vec::new();
+        let scope = nodes::update(
+            &last.ctx,
+            cfg,
+            &mut self.desired,
+            &mut last.claims,
+            changed.iter().map(|n| (n.as_str(), self.nodes.get(n))),
+            &mut diags,
+        );
+        let Some(scope) = scope else {
+            log::debug!("a pod CIDR or tunnel name is contested: full pass");
+            return None;
+        };
+        // The kernel objects the planner must see: links holding a name in scope or the
+        // endpoints of a wanted tunnel, and routes with a key in scope or through such a link.
+        // (A few of each: compared in place rather than hashing every kernel object.)
+        let ends: Vec<(Family, IpAddr, IpAddr)> = scope
+            .want
+            .tunnels
+            .iter()
+            .map(|t| (t.family, t.local, t.remote))
+            .collect();
+        let part = Actual {
+            links: last
+                .actual
+                .links
+                .iter()
+                .filter(|l| {
+                    scope.names.contains(&l.name)
+                        || l.tunnel
+                            .as_ref()
+                            .is_some_and(|t| ends.contains(&(t.family, t.local, t.remote)))
+                })
+                .cloned()
+                .collect(),
+            routes: last
+                .actual
+                .routes
+                .iter()
+                .filter(|r| {
+                    scope.routes.contains(&(r.table, r.dst))
+                        || matches!(&r.nexthop, NextHop::Dev(d) if scope.names.contains(d))
+                })
+                .cloned()
+                .collect(),
+            ..Actual::default()
+        };
+        let own = cfg.own.clone();
+        let plan = reconcile::plan(&scope.want, &part, &own, &BTreeSet::new());
+        let mut problems = plan.clashes.clone();
+        let failed = if plan.ops.is_empty() {
+            Vec::new()
+        } else {
+            self.kernel.apply(&own, &plan.ops)
+        };
+        problems.extend(failed.iter().map(|(_, e)| e.to_string()));
+        if failed.is_empty() {
+            reconcile::absorb(&mut last.actual, &plan.ops);
+            let names: Vec<&str> = scope.names.iter().map(String::as_str).collect();
+            match self.kernel.links_named(&names) {
+                Ok(links) => {
+                    last.actual.links.retain(|l| !scope.names.contains(&l.name));
+                    debug_assert!(links.iter().all(|l| scope.names.contains(&l.name)));
+                    last.actual.links.extend(links);
+                    self.last = Some(last);
+                }
+                Err(e) => {
+                    log::debug!("reading back the changed links failed: {e}; full pass next");
+                    self.full = true;
+                }
+            }
+        } else {
+            // What the kernel holds now is uncertain: the retry is a full pass.
+            self.full = true;
+        }
+        self.log_new(diags, problems, Some(&changed));
+        self.metrics.incremental += 1;
+        Some(self.finish(plan.ops.len(), failed.len(), now))
     }
 
     /// Compute the desired state from the cache and the kernel, plan, and apply (or print, with
     /// `--dry-run`). `Err` only when the kernel could not be read: then nothing was changed.
+    ///
+    /// When only peers changed since a full pass that left the kernel as planned, only their
+    /// objects are planned, against the kernel state that pass saw as updated by what was applied
+    /// since (SPEC P-3: one event costs the same at any cluster size). Everything else (and any
+    /// doubt: a failure, a contested pod CIDR, DSR) takes the full path: read the whole kernel,
+    /// compute everything, plan everything.
     pub fn reconcile(&mut self, now: Instant) -> Result<Outcome, KernelError> {
+        if let Some(outcome) = self.incremental(now) {
+            return Ok(outcome);
+        }
+        self.full = true;
+        self.last = None;
         let own = self.cfg.overlay.own.clone();
         let actual = self.kernel.read(&own)?;
-        let nodes: Vec<NodeInfo> = self.nodes.values().cloned().collect();
+        let nodes: Vec<&NodeInfo> = self.nodes.values().collect();
         let mut diags = Vec::new();
-        let Some(desired) =
-            nodes::desired(&self.local, &nodes, &actual, &self.cfg.overlay, &mut diags)
-        else {
-            self.log_new(diags, Vec::new());
+        let computed = nodes::full(&self.local, &nodes, &actual, &self.cfg.overlay, &mut diags);
+        drop(nodes);
+        let Some((mut desired, ctx, claims)) = computed else {
+            self.log_new(diags, Vec::new(), None);
             return Ok(Outcome {
                 summary: "local node unknown; kernel left as it is".into(),
                 ..Outcome::default()
             });
         };
-        let mut desired = desired;
         let mut problems = Vec::new();
-        let dsr_pods = self.dsr_pass(&nodes, &actual, &mut desired, &mut problems, false);
+        let dsr_pods = self.dsr_pass(&actual, &mut desired, &mut problems, false);
         let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
         problems.extend(plan.clashes.iter().cloned());
         let mut failed = Vec::new();
@@ -274,13 +445,35 @@ impl<K: Kernel> Daemon<K> {
                 problems.extend(report.diags.iter().map(|d| d.to_string()));
             }
         }
-        self.log_new(diags, problems);
+        self.log_new(diags, problems, None);
+        self.changed.clear();
+        self.full = false;
+        // Keep what the incremental path needs when it can be used: the kernel as it now is
+        // (read again if this pass changed it; dropped first, so two copies never coexist).
+        if errors == 0 && !self.cfg.dry_run && !self.cfg.dsr.enabled {
+            let actual = if plan.ops.is_empty() {
+                Some(actual)
+            } else {
+                drop(actual);
+                self.kernel.read(&own).ok()
+            };
+            self.last = actual.map(|actual| Last {
+                actual,
+                ctx,
+                claims,
+            });
+        }
+        self.desired = desired;
+        let ops = plan.ops.len() + self.dsr_last.1;
+        Ok(self.finish(ops, errors, now))
+    }
+
+    /// The summary line, metrics and outcome of a pass.
+    fn finish(&mut self, ops: usize, errors: usize, now: Instant) -> Outcome {
         let elapsed = now.elapsed();
-        self.peers = desired.peers.clone();
-        let (dsr_services, dsr_ops) = self.dsr_last;
-        let ops = plan.ops.len() + dsr_ops;
-        let summary = summary(&desired, dsr_services, ops, errors, elapsed);
-        self.metrics.record(&desired, ops, errors, elapsed);
+        let dsr_services = self.dsr_last.0;
+        let summary = summary(&self.desired, dsr_services, ops, errors, elapsed);
+        self.metrics.record(&self.desired, ops, errors, elapsed);
         self.metrics.dsr_services = dsr_services;
         if ops > 0 {
             if errors > 0 {
@@ -291,11 +484,11 @@ impl<K: Kernel> Daemon<K> {
         } else {
             log::debug!("{summary}");
         }
-        Ok(Outcome {
+        Outcome {
             planned: ops,
             failed: errors,
             summary,
-        })
+        }
     }
 
     /// The DSR part of a pass (SPEC D-1…D-5): plan and apply IPVS, add the director rules and
@@ -306,7 +499,6 @@ impl<K: Kernel> Daemon<K> {
     /// kernel are kept as they are: an empty cache proves nothing (SPEC K-4).
     fn dsr_pass(
         &mut self,
-        nodes: &[NodeInfo],
         actual: &crate::model::Actual,
         desired: &mut Desired,
         problems: &mut Vec<String>,
@@ -344,7 +536,11 @@ impl<K: Kernel> Daemon<K> {
         } else {
             (Vec::new(), Vec::new()) // DSR off: remove what an earlier run made
         };
-        let node_ips = dsr::node_ips(nodes);
+        let node_ips = if enabled {
+            dsr::node_ips(self.nodes.values())
+        } else {
+            BTreeSet::new()
+        };
         let inputs = dsr::Inputs {
             services: &services,
             slices: &slices,
@@ -415,7 +611,7 @@ impl<K: Kernel> Daemon<K> {
         let actual = self.kernel.read(&own)?;
         let mut desired = Desired::default();
         let mut problems = Vec::new();
-        let pods = self.dsr_pass(&[], &actual, &mut desired, &mut problems, true);
+        let pods = self.dsr_pass(&actual, &mut desired, &mut problems, true);
         if let (Some(pods), Some(shell), false) = (pods, self.dsr.as_mut(), self.cfg.dry_run) {
             let report = (shell.pods)(&pods, &shell.settings);
             for (ns, o) in &report.outcomes {
@@ -462,7 +658,7 @@ impl<K: Kernel> Daemon<K> {
     /// Write the peer table for `kr-tunneld status`.
     pub fn write_status(&self) {
         let path = self.cfg.state_dir.join("peers");
-        let text = peer_table(&self.peers);
+        let text = peer_table(&self.desired.peers);
         if let Err(e) = write_atomic(&path, text.as_bytes()) {
             log::debug!("cannot write {}: {e}", path.display());
         }
@@ -477,28 +673,36 @@ pub fn summary(
     failed: usize,
     took: Duration,
 ) -> String {
-    let mut by_encap: BTreeMap<String, usize> = BTreeMap::new();
+    // Counted without allocating per peer: this runs after every pass (SPEC P-3).
+    let mut by_encap: Vec<((Family, Encap), usize)> = Vec::new();
     let mut direct = 0;
     for p in &d.peers {
         match &p.mode {
             Mode::Tunnel { encap, .. } => {
-                let e = match encap {
-                    Encap::None if p.family == Family::V4 => "ipip".to_string(),
-                    Encap::None => "ip6ip6".to_string(),
-                    Encap::Gue { .. } => format!("gue-{}", p.family),
-                    other => other.to_string(),
-                };
-                *by_encap.entry(e).or_default() += 1;
+                let key = (p.family, *encap);
+                match by_encap.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, n)) => *n += 1,
+                    None => by_encap.push((key, 1)),
+                }
             }
             Mode::Direct => direct += 1,
             Mode::None => {}
         }
     }
-    let peers: BTreeSet<&str> = d.peers.iter().map(|p| p.node.as_str()).collect();
-    let tunnels: Vec<String> = by_encap.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut named: BTreeMap<String, usize> = BTreeMap::new();
+    for ((family, encap), n) in by_encap {
+        let e = match &encap {
+            Encap::None if family == Family::V4 => "ipip".to_string(),
+            Encap::None => "ip6ip6".to_string(),
+            Encap::Gue { .. } => format!("gue-{family}"),
+            other => other.to_string(),
+        };
+        *named.entry(e).or_default() += n;
+    }
+    let tunnels: Vec<String> = named.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
         "reconciled: peers={} tunnels=[{}] direct={} dsr={} ops={} failed={} took={}ms",
-        peers.len(),
+        nodes::distinct_nodes(&d.peers),
         tunnels.join(" "),
         direct,
         dsr_services,
@@ -514,16 +718,25 @@ pub fn peer_table(peers: &[nodes::Peer]) -> String {
         "{:<24} {:<6} {:<40} {:<7} {:<10} {}\n",
         "NODE", "FAMILY", "PEER IP", "MODE", "ENCAP", "TUNNEL"
     );
+    let mut encap_text = String::new();
     for p in peers {
-        let (mode, encap, tunnel) = match &p.mode {
-            Mode::Tunnel { name, encap } => ("tunnel", encap.to_string(), name.clone()),
-            Mode::Direct => ("direct", "-".into(), "-".into()),
-            Mode::None => ("none", "-".into(), "-".into()),
+        encap_text.clear();
+        let (mode, tunnel) = match &p.mode {
+            Mode::Tunnel { name, encap } => {
+                let _ = write!(encap_text, "{encap}");
+                ("tunnel", name.as_str())
+            }
+            Mode::Direct => ("direct", "-"),
+            Mode::None => ("none", "-"),
         };
-        s.push_str(&format!(
-            "{:<24} {:<6} {:<40} {:<7} {:<10} {}\n",
-            p.node, p.family, p.ip, mode, encap, tunnel
-        ));
+        if encap_text.is_empty() {
+            encap_text.push('-');
+        }
+        let _ = writeln!(
+            s,
+            "{:<24} {:<6} {:<40} {:<7} {:<10} {}",
+            p.node, p.family, p.ip, mode, encap_text, tunnel
+        );
     }
     s
 }
@@ -623,6 +836,9 @@ pub trait Hooks {
     fn stopping(&mut self);
 }
 
+/// Longest delay of the status file (`kr-tunneld status`) behind the kernel.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
 /// The main loop: wait for events or deadlines, coalesce, reconcile. Returns when told to stop.
 pub fn run_loop<K: Kernel>(
     d: &mut Daemon<K>,
@@ -637,11 +853,15 @@ pub fn run_loop<K: Kernel>(
     let mut next_alive = alive_every.map(|e| Instant::now() + e);
     let mut dirty = false;
     let mut first = true;
+    let mut status_due: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let mut deadline = next_resync;
         if let Some(a) = next_alive {
             deadline = deadline.min(a);
+        }
+        if let Some(s) = status_due {
+            deadline = deadline.min(s);
         }
         let ev = match rx.recv_timeout(deadline.saturating_duration_since(now)) {
             Ok(ev) => Some(ev),
@@ -657,8 +877,7 @@ pub fn run_loop<K: Kernel>(
         for ev in events {
             match ev {
                 Event::Nodes(u) => {
-                    d.on_nodes(u);
-                    dirty = true;
+                    dirty |= d.on_nodes(u);
                 }
                 Event::Services(u) => {
                     d.on_services(u);
@@ -670,9 +889,13 @@ pub fn run_loop<K: Kernel>(
                 }
                 Event::Resync => {
                     log::info!("SIGHUP: full resync");
+                    d.request_full();
                     dirty = true;
                 }
                 Event::Stop => {
+                    if status_due.is_some() {
+                        d.write_status();
+                    }
                     hooks.stopping();
                     return Exit::Clean;
                 }
@@ -685,7 +908,12 @@ pub fn run_loop<K: Kernel>(
                 next_alive = alive_every.map(|e| now + e);
             }
         }
+        if status_due.is_some_and(|s| now >= s) {
+            d.write_status();
+            status_due = None;
+        }
         if now >= next_resync {
+            d.request_full();
             dirty = true;
         }
         if !dirty || !d.synced() {
@@ -697,7 +925,13 @@ pub fn run_loop<K: Kernel>(
         dirty = false;
         match d.reconcile(now) {
             Ok(outcome) => {
-                d.write_status();
+                // The status file is rewritten whole (O(peers)): at most once per
+                // STATUS_EVERY under churn, the first time right after the first pass.
+                if first || d.cfg.once {
+                    d.write_status();
+                } else {
+                    status_due.get_or_insert(now + STATUS_EVERY);
+                }
                 hooks.reconciled(first, &outcome, &d.metrics);
                 first = false;
                 next_resync = now + if outcome.failed > 0 { retry } else { resync };
@@ -841,6 +1075,136 @@ mod tests {
         assert!(h.stopping);
         // The burst (list + stop) was coalesced: stop wins before any reconcile.
         assert_eq!(d.kernel().state.links.len(), 1);
+    }
+
+    /// The state a full pass would want, computed from scratch from the daemon's cache.
+    fn from_scratch(d: &mut Daemon<FakeKernel>) -> (Desired, reconcile::Plan) {
+        let own = d.cfg.overlay.own.clone();
+        let actual = d.kernel.read(&own).unwrap();
+        let nodes: Vec<NodeInfo> = d.nodes.values().cloned().collect();
+        let want =
+            nodes::desired(&d.local, &nodes, &actual, &d.cfg.overlay, &mut Vec::new()).unwrap();
+        let plan = reconcile::plan(&want, &actual, &own, &d.owned_fou);
+        (want, plan)
+    }
+
+    fn sorted_routes(d: &Desired) -> Vec<crate::model::Route> {
+        let mut r = d.routes.clone();
+        r.sort_by_key(|r| (r.table, r.dst));
+        r
+    }
+
+    #[test]
+    fn incremental_passes_end_where_full_passes_would() {
+        // Random peer churn over small pools of IPs and pod CIDRs, so that peers move between
+        // same-subnet and tunnel, change IP (and so tunnel name), vanish, and sometimes contest
+        // a CIDR or an IP. After every pass the kernel must be what a full pass wants (a plan from
+        // scratch is empty) and the kept desired state must equal a fresh one.
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut incremental = 0;
+        let mut full = 0;
+        for args in [
+            &[][..],
+            &["--overlay-type=full"][..],
+            &["--overlay-encap=fou"][..],
+        ] {
+            let mut d = daemon(args);
+            let mut nodes = vec![node("a", "192.168.1.10", "10.200.0.0/24")];
+            for i in 0..12 {
+                nodes.push(node(
+                    &format!("n{i:02}"),
+                    &format!("172.16.0.{}", 1 + i),
+                    &format!("10.{i}.0.0/24"),
+                ));
+            }
+            d.on_nodes(Update::Replace(nodes));
+            d.reconcile(Instant::now()).unwrap();
+            let mut fresh = 100;
+            for _ in 0..300 {
+                for _ in 0..1 + next(3) {
+                    fresh += 1;
+                    let name = format!("n{:02}", next(14));
+                    // Mostly values nobody holds; one time in eight one from a small pool
+                    // (another node's, or ours: a contest).
+                    let ip = match next(8) {
+                        0 => format!("172.16.0.{}", 1 + next(13)),
+                        1 | 2 => format!("192.168.1.{}", 10 + next(4)),
+                        _ => format!("172.16.{}.{}", fresh / 200, fresh % 200 + 1),
+                    };
+                    let cidr = match next(8) {
+                        0 => format!("10.{}.0.0/24", next(13)),
+                        1 => "10.200.0.0/24".to_string(),
+                        _ => format!("10.{}.{}.0/24", fresh / 200, fresh % 200),
+                    };
+                    let u = match next(5) {
+                        0 => Update::Delete(node(&name, &ip, &cidr)),
+                        _ => Update::Upsert(node(&name, &ip, &cidr)),
+                    };
+                    d.on_nodes(u);
+                }
+                let before = d.metrics.incremental;
+                let o = d.reconcile(Instant::now()).unwrap();
+                assert_eq!(o.failed, 0, "{}", o.summary);
+                if d.metrics.incremental > before {
+                    incremental += 1;
+                } else {
+                    full += 1;
+                }
+                let (want, plan) = from_scratch(&mut d);
+                assert!(plan.ops.is_empty(), "{args:?}: left to do: {:?}", plan.ops);
+                assert_eq!(d.desired.tunnels, want.tunnels, "{args:?}");
+                assert_eq!(d.desired.peers, want.peers, "{args:?}");
+                assert_eq!(sorted_routes(&d.desired), sorted_routes(&want), "{args:?}");
+            }
+            let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
+        }
+        // Both paths were exercised (the pools make contests common, but not constant).
+        assert!(
+            incremental > 100 && full > 50,
+            "{incremental} incremental, {full} full"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_node_needs_no_pass_and_a_failure_makes_the_next_pass_full() {
+        let mut d = daemon(&[]);
+        d.on_nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ]));
+        d.reconcile(Instant::now()).unwrap();
+        assert!(!d.on_nodes(Update::Upsert(node("b", "172.16.0.2", "10.1.0.0/24"))));
+        assert!(!d.on_nodes(Update::Delete(node("x", "172.16.0.9", "10.9.0.0/24"))));
+        // A failed op: reported, and the state kept for the incremental path is dropped.
+        d.kernel().fail_prefix = Some("create tunnel".into());
+        assert!(d.on_nodes(Update::Upsert(node("c", "172.16.0.3", "10.2.0.0/24"))));
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!((o.planned, o.failed), (3, 1), "{}", o.summary);
+        assert_eq!(d.metrics.incremental, 1);
+        d.kernel().fail_prefix = None;
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!(d.metrics.incremental, 1, "the retry must read the kernel");
+        // The tunnel, and its routes again (a new device gets its routes rewritten).
+        assert_eq!((o.planned, o.failed), (3, 0), "{}", o.summary);
+        // Drift behind our back is not seen by incremental passes, and repaired by the next
+        // full one (the resync timer, SIGHUP).
+        let gone = nodes::tunnel_name("kt", "172.16.0.2".parse().unwrap());
+        d.kernel().state.links.retain(|l| l.name != gone);
+        d.on_nodes(Update::Upsert(node("e", "172.16.0.5", "10.4.0.0/24")));
+        d.reconcile(Instant::now()).unwrap();
+        assert_eq!(d.metrics.incremental, 2);
+        assert!(!from_scratch(&mut d).1.ops.is_empty());
+        d.request_full();
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!(o.planned, 3, "{}", o.summary);
+        assert!(from_scratch(&mut d).1.ops.is_empty());
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
     }
 
     #[test]

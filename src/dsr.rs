@@ -1106,9 +1106,11 @@ pub fn plan(
 
 /// Every address of every Node (for the hostNetwork check, SPEC D-3); unparsable ones are
 /// skipped (the node model reports them).
-pub fn node_ips(nodes: &[crate::nodes::NodeInfo]) -> BTreeSet<IpAddr> {
+pub fn node_ips<'a>(
+    nodes: impl IntoIterator<Item = &'a crate::nodes::NodeInfo>,
+) -> BTreeSet<IpAddr> {
     nodes
-        .iter()
+        .into_iter()
         .flat_map(|n| n.addresses.iter())
         .filter_map(|(_, a)| a.trim().parse().ok())
         .collect()

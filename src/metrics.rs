@@ -18,6 +18,8 @@ use crate::nodes::{Desired, Mode};
 pub struct Metrics {
     /// Reconciles run.
     pub reconciles: u64,
+    /// Of those, incremental ones (only changed peers planned, SPEC P-3).
+    pub incremental: u64,
     /// Reconciles that failed to read the kernel, plus failed ops.
     pub failures: u64,
     /// Ops applied, total.
@@ -45,14 +47,10 @@ impl Metrics {
         self.failures += failed as u64;
         self.ops += ops as u64;
         self.last_duration = took;
-        self.peers = d
-            .peers
-            .iter()
-            .map(|p| p.node.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
-        self.tunnels.clear();
+        self.peers = crate::nodes::distinct_nodes(&d.peers);
         self.direct = 0;
+        // Counted without allocating per peer: this runs after every pass (SPEC P-3).
+        let mut counts: BTreeMap<(Family, &str), usize> = BTreeMap::new();
         for p in &d.peers {
             match &p.mode {
                 Mode::Tunnel { encap, .. } => {
@@ -61,15 +59,16 @@ impl Metrics {
                         Encap::Gue { .. } => "gue",
                         Encap::Other { .. } => "other",
                     };
-                    *self
-                        .tunnels
-                        .entry((p.family.to_string(), e.to_string()))
-                        .or_default() += 1;
+                    *counts.entry((p.family, e)).or_default() += 1;
                 }
                 Mode::Direct => self.direct += 1,
                 Mode::None => {}
             }
         }
+        self.tunnels = counts
+            .into_iter()
+            .map(|((f, e), n)| ((f.to_string(), e.to_string()), n))
+            .collect();
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -117,6 +116,12 @@ impl Metrics {
             "counter",
             "Reconciles run.",
             vec![format!(" {}", self.reconciles)],
+        );
+        metric(
+            "incremental_reconciles_total",
+            "counter",
+            "Reconciles that planned only the peers that changed (the rest read the whole kernel).",
+            vec![format!(" {}", self.incremental)],
         );
         metric(
             "reconcile_failures_total",

@@ -58,7 +58,7 @@ impl Family {
 
 impl fmt::Display for Family {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Family::V4 => "ipv4",
             Family::V6 => "ipv6",
         })

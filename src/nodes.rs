@@ -5,7 +5,7 @@
 //! settings, and returns the tunnels, routes, rules and FOU ports that should exist, the peer table
 //! for operators, and diagnostics (bad node data) for the shell to log once per change.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -301,78 +301,140 @@ fn underlay_mtu(actual: &Actual, ip: IpAddr) -> Option<u32> {
         .map(|l| l.mtu)
 }
 
-/// Compute the desired state. `local` is this node's name. Returns `None` (with a diagnostic)
-/// when the local node is not in the cache: then nothing can be planned and the kernel is left
-/// alone (SPEC K-4).
-pub fn desired(
-    local: &str,
-    nodes: &[NodeInfo],
-    actual: &Actual,
-    cfg: &Overlay,
-    diags: &mut Vec<Diag>,
-) -> Option<Desired> {
-    let mut sorted: Vec<&NodeInfo> = nodes.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let Some(me) = sorted.iter().find(|n| n.name == local) else {
-        diags.push(Diag {
-            node: local.to_string(),
-            msg: "local node not found in the API; keeping the kernel state as it is".into(),
-        });
-        return None;
-    };
-    let me = parse_node(me, diags);
-    let own_links: BTreeSet<u32> = actual
-        .links
-        .iter()
-        .filter(|l| cfg.own.owns_link(l))
-        .map(|l| l.index)
-        .collect();
-    let mut d = Desired::default();
-    let families = [(Family::V4, cfg.ipv4), (Family::V6, cfg.ipv6)];
-    let mut names: BTreeMap<String, String> = BTreeMap::new();
-    let mut my_cidrs: BTreeSet<IpNet> = me.cidrs.iter().copied().collect();
-    for (family, enabled) in families {
-        if !enabled {
-            continue;
-        }
-        let Some(my_ip) = best_ip(&me.addrs, family) else {
+/// The per-family facts every peer's decision needs: computed once per full pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FamilyCtx {
+    family: Family,
+    /// This node's best IP of the family.
+    my_ip: IpAddr,
+    /// Local interface subnets (SPEC N-1: a peer in one of them is "same subnet").
+    subnets: Vec<IpNet>,
+    /// Transmit encapsulation of peer tunnels.
+    encap: Encap,
+    /// MTU of the device holding `my_ip` (`None` with `--tunnel-mtu`).
+    underlay: Option<u32>,
+    /// MTU of peer tunnels.
+    mtu: u32,
+}
+
+/// What a full computation learnt about this node, its interfaces and the settings: enough to
+/// work out any one peer's objects again without looking at the others (SPEC P-3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    local: String,
+    me: Parsed,
+    families: Vec<FamilyCtx>,
+}
+
+/// Who holds which pod CIDR and tunnel name. A CIDR or a name wanted by two nodes goes to the one
+/// whose name sorts first (SPEC N-5); such a contest makes every node's outcome depend on the
+/// others', so while one exists only a full computation is exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// Pod CIDR → node (this node's own included).
+    cidrs: HashMap<IpNet, String>,
+    /// Tunnel name → node.
+    names: HashMap<String, String>,
+    /// Whether some CIDR or name was wanted by two nodes.
+    pub contested: bool,
+}
+
+/// What an incremental update touched: the objects to plan, and the names and route keys whose
+/// kernel state the planner must see (old and new).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// The changed nodes' objects as they should be now.
+    pub want: Desired,
+    /// Tunnel names before and after (a few: plain lists, compared without hashing).
+    pub names: Vec<String>,
+    /// Route (table, destination) pairs before and after.
+    pub routes: Vec<(u32, IpNet)>,
+}
+
+impl Context {
+    /// This node's parsed data, the local subnets and the tunnel MTU, from the local node and the
+    /// kernel's interfaces. `None` (with a diagnostic) when the local node is not in the cache:
+    /// then nothing can be planned and the kernel is left alone (SPEC K-4).
+    pub fn new(
+        local: &str,
+        me: Option<&NodeInfo>,
+        actual: &Actual,
+        cfg: &Overlay,
+        diags: &mut Vec<Diag>,
+    ) -> Option<Context> {
+        let Some(me) = me else {
             diags.push(Diag {
-                node: me.name.clone(),
-                msg: format!("no {family} address: no {family} tunnels or routes"),
+                node: local.to_string(),
+                msg: "local node not found in the API; keeping the kernel state as it is".into(),
             });
-            continue;
+            return None;
         };
-        let subnets = local_subnets(actual, family, &own_links);
-        let encap = match cfg.encap {
-            EncapMode::Ipip => Encap::None,
-            EncapMode::Fou => Encap::Gue {
-                sport: 0,
-                dport: cfg.port,
-            },
-        };
-        let underlay = if cfg.mtu != 0 {
-            None
-        } else {
-            Some(underlay_mtu(actual, my_ip).unwrap_or_else(|| {
+        let me = parse_node(me, diags);
+        let own_links: BTreeSet<u32> = actual
+            .links
+            .iter()
+            .filter(|l| cfg.own.owns_link(l))
+            .map(|l| l.index)
+            .collect();
+        let mut families = Vec::new();
+        for (family, enabled) in [(Family::V4, cfg.ipv4), (Family::V6, cfg.ipv6)] {
+            if !enabled {
+                continue;
+            }
+            let Some(my_ip) = best_ip(&me.addrs, family) else {
                 diags.push(Diag {
                     node: me.name.clone(),
-                    msg: format!(
-                        "{my_ip} is on no local interface; assuming an underlay MTU of 1500"
-                    ),
+                    msg: format!("no {family} address: no {family} tunnels or routes"),
                 });
-                1500
-            }))
-        };
-        let min = match family {
-            Family::V4 => 576,
-            Family::V6 => 1280,
-        };
-        let mtu_for = |e: &Encap| match underlay {
-            None => cfg.mtu,
-            Some(u) => u.saturating_sub(overhead(family, e)).max(min),
-        };
-        let mtu = mtu_for(&encap);
-        if cfg.enabled {
+                continue;
+            };
+            let encap = match cfg.encap {
+                EncapMode::Ipip => Encap::None,
+                EncapMode::Fou => Encap::Gue {
+                    sport: 0,
+                    dport: cfg.port,
+                },
+            };
+            let underlay = if cfg.mtu != 0 {
+                None
+            } else {
+                Some(underlay_mtu(actual, my_ip).unwrap_or_else(|| {
+                    diags.push(Diag {
+                        node: me.name.clone(),
+                        msg: format!(
+                            "{my_ip} is on no local interface; assuming an underlay MTU of 1500"
+                        ),
+                    });
+                    1500
+                }))
+            };
+            families.push(FamilyCtx {
+                family,
+                my_ip,
+                subnets: local_subnets(actual, family, &own_links),
+                mtu: tunnel_mtu(cfg, family, underlay, &encap),
+                underlay,
+                encap,
+            });
+        }
+        Some(Context {
+            local: local.to_string(),
+            me,
+            families,
+        })
+    }
+
+    /// The objects that do not depend on peers: the receive-only tunnels, FOU ports and the
+    /// rules for our pod CIDRs; and this node's CIDRs in `claims`.
+    fn base(&self, cfg: &Overlay, claims: &mut Claims, d: &mut Desired) {
+        for c in &self.me.cidrs {
+            claims.cidrs.insert(*c, self.local.clone());
+        }
+        if !cfg.enabled {
+            return;
+        }
+        for f in &self.families {
+            let family = f.family;
             // A receive-only tunnel with remote "any": the kernel hands it every IPIP/GUE packet
             // for our address that no per-peer tunnel takes. An in-place change of a peer tunnel
             // (encap switch, T-5) unhashes it for an RCU grace period; without this device the
@@ -380,7 +442,7 @@ pub fn desired(
             d.tunnels.push(Tunnel {
                 name: rx_tunnel_name(&cfg.own.name_prefix, family),
                 family,
-                local: my_ip,
+                local: f.my_ip,
                 remote: match family {
                     Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                     Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
@@ -390,7 +452,7 @@ pub fn desired(
                 pmtudisc: true,
                 // It never transmits; its MTU must not follow the encap, or an encap switch
                 // would change (and so briefly unhash) it too.
-                mtu: mtu_for(&Encap::None),
+                mtu: tunnel_mtu(cfg, family, f.underlay, &Encap::None),
             });
             for port in std::iter::once(cfg.port).chain(cfg.extra_rx_ports.iter().copied()) {
                 let p = FouPort {
@@ -402,7 +464,7 @@ pub fn desired(
                     d.fou.push(p);
                 }
             }
-            for cidr in me.cidrs.iter().filter(|c| Family::of_net(c) == family) {
+            for cidr in self.me.cidrs.iter().filter(|c| Family::of_net(c) == family) {
                 d.rules.push(Rule {
                     family,
                     priority: cfg.rule_priority,
@@ -415,121 +477,310 @@ pub fn desired(
                 });
             }
         }
-        for n in sorted.iter().filter(|n| n.name != local) {
-            let p = parse_node(n, diags);
-            let cidrs: Vec<IpNet> = p
-                .cidrs
-                .iter()
-                .filter(|c| Family::of_net(c) == family)
-                .filter(|c| {
-                    // A peer claiming one of our own pod CIDRs (or one already taken by a peer
-                    // sorted before it) must not steal its route (SPEC N-5).
-                    let fresh = my_cidrs.insert(**c);
-                    if !fresh {
-                        diags.push(Diag {
-                            node: p.name.clone(),
-                            msg: format!(
-                                "pod CIDR {c} is already used by another node; ignoring it here"
-                            ),
-                        });
-                    }
-                    fresh
-                })
-                .copied()
-                .collect();
-            if cidrs.is_empty() {
-                if !p.cidrs.iter().any(|c| Family::of_net(c) == family) {
+    }
+
+    /// One peer's objects in one family, added to `d`; its CIDRs and tunnel name claimed.
+    fn peer(
+        &self,
+        f: &FamilyCtx,
+        cfg: &Overlay,
+        p: &Parsed,
+        claims: &mut Claims,
+        d: &mut Desired,
+        diags: &mut Vec<Diag>,
+    ) {
+        let family = f.family;
+        let cidrs: Vec<IpNet> = p
+            .cidrs
+            .iter()
+            .filter(|c| Family::of_net(c) == family)
+            .filter(|c| {
+                // A peer claiming one of our own pod CIDRs (or one already taken by a peer
+                // sorted before it) must not steal its route (SPEC N-5).
+                if claims.cidrs.contains_key(*c) {
+                    claims.contested = true;
                     diags.push(Diag {
                         node: p.name.clone(),
-                        msg: format!("no {family} pod CIDR: nothing to route"),
+                        msg: format!(
+                            "pod CIDR {c} is already used by another node; ignoring it here"
+                        ),
                     });
+                    return false;
                 }
-                continue;
-            }
-            let Some(ip) = best_ip(&p.addrs, family) else {
+                claims.cidrs.insert(**c, p.name.clone());
+                true
+            })
+            .copied()
+            .collect();
+        if cidrs.is_empty() {
+            if !p.cidrs.iter().any(|c| Family::of_net(c) == family) {
                 diags.push(Diag {
                     node: p.name.clone(),
-                    msg: format!("no {family} address: no {family} route to its pod CIDRs"),
+                    msg: format!("no {family} pod CIDR: nothing to route"),
                 });
-                continue;
-            };
-            if me.addrs.iter().any(|(_, a)| *a == ip) {
+            }
+            return;
+        }
+        let Some(ip) = best_ip(&p.addrs, family) else {
+            diags.push(Diag {
+                node: p.name.clone(),
+                msg: format!("no {family} address: no {family} route to its pod CIDRs"),
+            });
+            return;
+        };
+        if self.me.addrs.iter().any(|(_, a)| *a == ip) {
+            diags.push(Diag {
+                node: p.name.clone(),
+                msg: format!("has this node's address {ip}; skipped"),
+            });
+            return;
+        }
+        let same_subnet = f.subnets.iter().any(|s| s.contains(&ip));
+        let tunnel = cfg.enabled && (cfg.kind == OverlayType::Full || !same_subnet);
+        let mode = if tunnel {
+            let name = tunnel_name(&cfg.own.name_prefix, ip);
+            if let Some(holder) = claims.names.get(&name) {
+                claims.contested = true;
                 diags.push(Diag {
                     node: p.name.clone(),
-                    msg: format!("has this node's address {ip}; skipped"),
+                    msg: format!("tunnel name {name} clashes with node {holder}'s; skipped"),
                 });
-                continue;
+                return;
             }
-            let same_subnet = subnets.iter().any(|s| s.contains(&ip));
-            let tunnel = cfg.enabled && (cfg.kind == OverlayType::Full || !same_subnet);
-            let mode = if tunnel {
-                let name = tunnel_name(&cfg.own.name_prefix, ip);
-                if let Some(holder) = names.get(&name) {
-                    diags.push(Diag {
-                        node: p.name.clone(),
-                        msg: format!("tunnel name {name} clashes with node {holder}'s; skipped"),
-                    });
-                    continue;
-                }
-                names.insert(name.clone(), p.name.clone());
-                d.tunnels.push(Tunnel {
-                    name: name.clone(),
-                    family,
-                    local: my_ip,
-                    remote: ip,
-                    encap,
-                    ttl: cfg.ttl,
-                    pmtudisc: true,
-                    mtu,
-                });
+            claims.names.insert(name.clone(), p.name.clone());
+            d.tunnels.push(Tunnel {
+                name: name.clone(),
+                family,
+                local: f.my_ip,
+                remote: ip,
+                encap: f.encap,
+                ttl: cfg.ttl,
+                pmtudisc: true,
+                mtu: f.mtu,
+            });
+            d.routes.push(Route {
+                table: cfg.table,
+                dst: host_net(ip),
+                nexthop: NextHop::Dev(name.clone()),
+                src: None,
+                protocol: cfg.own.protocol,
+                kind: RouteKind::Unicast,
+                advmss: None,
+            });
+            for c in &cidrs {
                 d.routes.push(Route {
-                    table: cfg.table,
-                    dst: IpNet::new(ip, family.host_len()).unwrap_or_else(|_| IpNet::from(ip)),
+                    table: MAIN_TABLE,
+                    dst: *c,
                     nexthop: NextHop::Dev(name.clone()),
+                    src: Some(f.my_ip),
+                    protocol: cfg.own.protocol,
+                    kind: RouteKind::Unicast,
+                    advmss: None,
+                });
+            }
+            Mode::Tunnel {
+                name,
+                encap: f.encap,
+            }
+        } else if same_subnet {
+            for c in &cidrs {
+                d.routes.push(Route {
+                    table: MAIN_TABLE,
+                    dst: *c,
+                    nexthop: NextHop::Via(ip),
                     src: None,
                     protocol: cfg.own.protocol,
                     kind: RouteKind::Unicast,
                     advmss: None,
                 });
-                for c in &cidrs {
-                    d.routes.push(Route {
-                        table: MAIN_TABLE,
-                        dst: *c,
-                        nexthop: NextHop::Dev(name.clone()),
-                        src: Some(my_ip),
-                        protocol: cfg.own.protocol,
-                        kind: RouteKind::Unicast,
-                        advmss: None,
-                    });
-                }
-                Mode::Tunnel { name, encap }
-            } else if same_subnet {
-                for c in &cidrs {
-                    d.routes.push(Route {
-                        table: MAIN_TABLE,
-                        dst: *c,
-                        nexthop: NextHop::Via(ip),
-                        src: None,
-                        protocol: cfg.own.protocol,
-                        kind: RouteKind::Unicast,
-                        advmss: None,
-                    });
-                }
-                Mode::Direct
-            } else {
-                Mode::None
-            };
-            d.peers.push(Peer {
-                node: p.name.clone(),
-                family,
-                ip,
-                cidrs,
-                mode,
-            });
+            }
+            Mode::Direct
+        } else {
+            Mode::None
+        };
+        d.peers.push(Peer {
+            node: p.name.clone(),
+            family,
+            ip,
+            cidrs,
+            mode,
+        });
+    }
+}
+
+/// How many nodes the peer table names (a dual-stack peer has a row per family). The rows are
+/// sorted by (family, node) as [`full`] and [`update`] keep them, so this is a merge of the two
+/// families' rows, without hashing or allocating.
+pub fn distinct_nodes(peers: &[Peer]) -> usize {
+    let sorted = peers
+        .windows(2)
+        .all(|w| (w[0].family, &w[0].node) < (w[1].family, &w[1].node));
+    if !sorted {
+        return peers
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
+    }
+    let split = peers.partition_point(|p| p.family == Family::V4);
+    let (v4, v6) = peers.split_at(split);
+    let (mut i, mut j, mut both) = (0, 0, 0);
+    while i < v4.len() && j < v6.len() {
+        match v4[i].node.cmp(&v6[j].node) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                both += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    peers.len() - both
+}
+
+/// The host route (/32, /128) of an address.
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::new(ip, Family::of(&ip).host_len()).unwrap_or_else(|_| IpNet::from(ip))
+}
+
+/// MTU of a peer tunnel: `--tunnel-mtu`, or the underlay's less the encapsulation overhead, never
+/// below the family's minimum.
+fn tunnel_mtu(cfg: &Overlay, family: Family, underlay: Option<u32>, encap: &Encap) -> u32 {
+    let min = match family {
+        Family::V4 => 576,
+        Family::V6 => 1280,
+    };
+    match underlay {
+        None => cfg.mtu,
+        Some(u) => u.saturating_sub(overhead(family, encap)).max(min),
+    }
+}
+
+/// Compute the desired state. `local` is this node's name. Returns `None` (with a diagnostic)
+/// when the local node is not in the cache: then nothing can be planned and the kernel is left
+/// alone (SPEC K-4).
+pub fn desired(
+    local: &str,
+    nodes: &[NodeInfo],
+    actual: &Actual,
+    cfg: &Overlay,
+    diags: &mut Vec<Diag>,
+) -> Option<Desired> {
+    let mut sorted: Vec<&NodeInfo> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    full(local, &sorted, actual, cfg, diags).map(|(d, _, _)| d)
+}
+
+/// [`desired`] over nodes already sorted by name, with the context and claims that
+/// [`update`] needs to change it later one node at a time.
+pub fn full(
+    local: &str,
+    sorted: &[&NodeInfo],
+    actual: &Actual,
+    cfg: &Overlay,
+    diags: &mut Vec<Diag>,
+) -> Option<(Desired, Context, Claims)> {
+    let me = sorted.iter().find(|n| n.name == local).copied();
+    let ctx = Context::new(local, me, actual, cfg, diags)?;
+    let mut d = Desired::default();
+    let mut claims = Claims::default();
+    ctx.base(cfg, &mut claims, &mut d);
+    for f in &ctx.families {
+        for n in sorted.iter().filter(|n| n.name != local) {
+            let p = parse_node(n, diags);
+            ctx.peer(f, cfg, &p, &mut claims, &mut d, diags);
         }
     }
     d.tunnels.sort_by(|a, b| a.name.cmp(&b.name));
-    Some(d)
+    Some((d, ctx, claims))
+}
+
+/// Replace the objects of the `changed` peers in `d` with what their current data (`now`: the
+/// node, or `None` when it was deleted) asks for, without looking at any other node (SPEC P-3).
+/// The result equals a full computation over the updated cache as long as no pod CIDR or tunnel
+/// name is contested: `None` when one was before or would be now (then `d` and `claims` are
+/// half-updated and must be recomputed with [`full`]). The local node must not be among them.
+pub fn update<'a>(
+    ctx: &Context,
+    cfg: &Overlay,
+    d: &mut Desired,
+    claims: &mut Claims,
+    changed: impl IntoIterator<Item = (&'a str, Option<&'a NodeInfo>)>,
+    diags: &mut Vec<Diag>,
+) -> Option<Scope> {
+    if claims.contested {
+        return None;
+    }
+    let mut scope = Scope::default();
+    let mut changed: Vec<(&str, Option<&NodeInfo>)> = changed.into_iter().collect();
+    changed.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, _) in &changed {
+        if *name == ctx.local {
+            return None;
+        }
+        // What the node had: its rows of the peer table name its objects.
+        // Its rows (one per family) are found by binary search: the rows are sorted.
+        for f in &ctx.families {
+            let key = (f.family, *name);
+            let Ok(at) = d
+                .peers
+                .binary_search_by(|p| (p.family, p.node.as_str()).cmp(&key))
+            else {
+                continue;
+            };
+            let p = d.peers.remove(at);
+            if let Mode::Tunnel { name, .. } = p.mode {
+                scope.routes.push((cfg.table, host_net(p.ip)));
+                scope.names.push(name);
+            }
+            scope
+                .routes
+                .extend(p.cidrs.iter().map(|c| (MAIN_TABLE, *c)));
+        }
+        claims.cidrs.retain(|_, holder| holder != name);
+        claims.names.retain(|_, holder| holder != name);
+    }
+    for name in &scope.names {
+        if let Ok(at) = d.tunnels.binary_search_by(|t| t.name.as_str().cmp(name)) {
+            d.tunnels.remove(at);
+        }
+    }
+    if !scope.routes.is_empty() {
+        d.routes
+            .retain(|r| !scope.routes.contains(&(r.table, r.dst)));
+    }
+    for f in &ctx.families {
+        for (_, node) in &changed {
+            if let Some(n) = node {
+                let p = parse_node(n, diags);
+                ctx.peer(f, cfg, &p, claims, &mut scope.want, diags);
+            }
+        }
+    }
+    if claims.contested {
+        return None;
+    }
+    for t in &scope.want.tunnels {
+        if !scope.names.contains(&t.name) {
+            scope.names.push(t.name.clone());
+        }
+        let at = d.tunnels.partition_point(|x| x.name < t.name);
+        d.tunnels.insert(at, t.clone());
+    }
+    for r in &scope.want.routes {
+        if !scope.routes.contains(&(r.table, r.dst)) {
+            scope.routes.push((r.table, r.dst));
+        }
+        d.routes.push(r.clone());
+    }
+    for p in &scope.want.peers {
+        let at = d
+            .peers
+            .partition_point(|x| (x.family, x.node.as_str()) < (p.family, p.node.as_str()));
+        d.peers.insert(at, p.clone());
+    }
+    Some(scope)
 }
 
 #[cfg(test)]

@@ -360,6 +360,30 @@ impl NetlinkKernel {
 }
 
 impl Kernel for NetlinkKernel {
+    fn links_named(&mut self, names: &[&str]) -> Result<Vec<Link>, KernelError> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            match self.route.request(&link_get(name)) {
+                Ok(replies) => {
+                    for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
+                        match parse_link(&r.payload) {
+                            Ok(l) => {
+                                self.index.insert(l.name.clone(), l.index);
+                                out.push(l);
+                            }
+                            Err(e) => log::warn!("link {name}: cannot decode the reply: {e}"),
+                        }
+                    }
+                }
+                Err(e) if e.errno() == libc::ENODEV => {
+                    self.index.remove(*name);
+                }
+                Err(e) => return Err(kerr(format!("get link {name}"), &e)),
+            }
+        }
+        Ok(out)
+    }
+
     fn read(&mut self, own: &Ownership) -> Result<Actual, KernelError> {
         let links = self.links()?;
         let addrs = self.addrs()?;

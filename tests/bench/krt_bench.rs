@@ -26,7 +26,8 @@
 //! * P-2: in the converged namespace, a resync (read + desired + plan; apply only if ops): time
 //!   (best of 3), and on one more pass the netlink messages actually sent, decoded from the
 //!   socket's trace log: dumps (`NLM_F_DUMP`), other reads, and writes.
-//! * P-3: then one peer more, five times: median time of the whole pass, and the ops it took.
+//! * P-3: then one peer more, five times, through the daemon's own event path (`Daemon::on_nodes`,
+//!   `Daemon::reconcile`, the status file): median time, and that it took 3 writes and no dump.
 //! * P-4: the release binary against the fake API server (tests/fakeapi.rs) with N + 1 nodes:
 //!   time to converge, VmHWM/VmRSS from /proc/PID/status, utime+stime over `--idle` seconds
 //!   from /proc/PID/stat, and the number of log lines per created tunnel.
@@ -50,8 +51,10 @@ use std::time::{Duration, Instant};
 
 use kr_tunneld::apply::Kernel;
 use kr_tunneld::config::{Config, Overlay};
+use kr_tunneld::daemon::Daemon;
 use kr_tunneld::kube::types::{decode_event, decode_list, WatchEvent};
 use kr_tunneld::kube::watch::{Next, WatchMachine};
+use kr_tunneld::kube::Update;
 use kr_tunneld::kube::{Node, WatchConfig};
 use kr_tunneld::model::{Encap, Family, FouPort, NextHop, Op, Ownership, RouteKind};
 use kr_tunneld::netlink::NetlinkKernel;
@@ -237,6 +240,24 @@ fn cluster(peers: u32) -> Vec<NodeInfo> {
     std::iter::once(local_node())
         .chain((0..peers).map(peer_node))
         .collect()
+}
+
+/// The daemon's settings with every flag at its default but the state directory.
+fn config(state_dir: &Path) -> Config {
+    let dir = state_dir.display().to_string();
+    let kr_tunneld::cli::Parsed::Args(a) =
+        kr_tunneld::cli::parse(["--state-dir", dir.as_str()], &|_| None).expect("flags")
+    else {
+        panic!("flags do not parse to arguments")
+    };
+    Config::from_args(&a).expect("config")
+}
+
+/// A Node object as the API serves it (tests/fakeapi.rs), from the bench's node data.
+fn api_node(n: &NodeInfo) -> Node {
+    let ips: Vec<&str> = n.addresses.iter().map(|(_, a)| a.as_str()).collect();
+    let cidrs: Vec<&str> = n.pod_cidrs.iter().map(String::as_str).collect();
+    serde_json::from_value(fakeapi::node_json(&n.name, &ips, &cidrs)).expect("node json")
 }
 
 /// The daemon's overlay settings with every flag at its default (IPv4, ipip, subnet, table 77).
@@ -429,34 +450,53 @@ fn ours_run(n: u32, cfg: &Overlay, extras: bool) -> Ours {
             result(&format!("p2.{n}.other_reads"), reads);
             result(&format!("p2.{n}.writes"), writes);
             result(&format!("p2.{n}.sends"), sends);
-            // P-3: one more peer, five times.
-            let mut more = nodes_n.clone();
+            // P-3: one more peer, five times, the way the daemon takes a Node event: the cache
+            // update and `Daemon::reconcile` (after one full pass to start from, as at start-up),
+            // then the status file it writes after every pass.
+            let state =
+                std::env::temp_dir().join(format!("krt-bench-p3-{}-{n}", std::process::id()));
+            let mut d = Daemon::new(
+                config(&state),
+                LOCAL.into(),
+                NetlinkKernel::open().expect("open netlink"),
+                Box::new(std::io::sink()),
+            );
+            d.on_nodes(Update::Replace(nodes_n.iter().map(api_node).collect()));
+            let o = d.reconcile(Instant::now()).expect("first pass");
+            assert_eq!(o.planned, 0, "{}", o.summary);
             let mut totals = Vec::new();
             let mut parts = Vec::new();
             for j in 0..5 {
-                more.push(peer_node(n + j));
-                let (r, [_, _, writes, _]) = counted(|| pass(&mut k, &more, cfg));
-                assert_eq!(r.failed, 0);
-                assert_eq!(r.ops, 3, "one peer: {:?}", r.plan_ops); // tunnel, 2 routes
-                assert_eq!(writes, 3);
+                let before = d.metrics.incremental;
+                assert!(d.on_nodes(Update::Upsert(api_node(&peer_node(n + j)))));
+                let (o, [dumps, _, writes, _]) =
+                    counted(|| d.reconcile(Instant::now()).expect("pass"));
+                assert_eq!((o.planned, o.failed), (3, 0), "{}", o.summary); // tunnel, 2 routes
+                assert_eq!((writes, dumps), (3, 0));
+                assert_eq!(d.metrics.incremental, before + 1, "not incremental");
                 // Timed without the counter (hex-formatting every message costs).
-                more.push(peer_node(n + 100 + j));
-                let r = pass(&mut k, &more, cfg);
-                assert_eq!(r.ops, 3);
-                totals.push(r.total());
-                parts.push(r);
+                let t0 = Instant::now();
+                d.on_nodes(Update::Upsert(api_node(&peer_node(n + 100 + j))));
+                let o = d.reconcile(Instant::now()).expect("pass");
+                let t1 = Instant::now();
+                d.write_status();
+                let t2 = Instant::now();
+                assert_eq!((o.planned, o.failed), (3, 0), "{}", o.summary);
+                totals.push(t2 - t0);
+                parts.push((t2 - t0, t1 - t0, t2 - t1));
             }
-            let med = median(totals.clone());
-            let mp = parts
+            let med = median(totals);
+            let (_, pass, status) = parts
                 .iter()
-                .find(|p| p.total() == med)
-                .cloned()
+                .find(|p| p.0 == med)
+                .copied()
                 .unwrap_or_default();
             result(&format!("p3.{n}.add_one_ms"), ms(med));
-            result(&format!("p3.{n}.read_ms"), ms(mp.read));
-            result(&format!("p3.{n}.plan_ms"), ms(mp.plan));
-            result(&format!("p3.{n}.apply_ms"), ms(mp.apply));
+            result(&format!("p3.{n}.pass_ms"), ms(pass));
+            result(&format!("p3.{n}.status_ms"), ms(status));
             result(&format!("p3.{n}.ops"), 3);
+            drop(d);
+            let _ = std::fs::remove_dir_all(&state);
         }
         teardown(&mut k, &cfg.own);
         Ours { pass: p, objects }
@@ -830,6 +870,27 @@ fn planner(sizes: &[u32]) {
         }
         result(&format!("planner.{n}.desired_ms"), ms(best_d));
         result(&format!("planner.{n}.plan_ms"), ms(best_p));
+        // The daemon's incremental path alone (in-memory kernel): one Node event, median of 51.
+        let state = std::env::temp_dir().join(format!("krt-bench-pl-{}-{n}", std::process::id()));
+        let mut d = Daemon::new(config(&state), LOCAL.into(), k, Box::new(std::io::sink()));
+        d.on_nodes(Update::Replace(ns.iter().map(api_node).collect()));
+        d.reconcile(Instant::now()).expect("first pass");
+        let mut times = Vec::new();
+        for j in 0..51 {
+            let node = api_node(&peer_node(n + j));
+            let t = Instant::now();
+            d.on_nodes(Update::Upsert(node));
+            let o = d.reconcile(Instant::now()).expect("pass");
+            times.push(t.elapsed());
+            assert_eq!((o.planned, o.failed), (3, 0), "{}", o.summary);
+        }
+        assert_eq!(d.metrics.incremental, 51);
+        result(
+            &format!("planner.{n}.event_us"),
+            format!("{:.0}", median(times).as_secs_f64() * 1e6),
+        );
+        drop(d);
+        let _ = std::fs::remove_dir_all(&state);
     }
 }
 
@@ -886,11 +947,10 @@ fn table(files: &[PathBuf]) {
         .collect();
     for n in &p3 {
         println!(
-            "| P-3 | one peer added to {n} (3 ops), median of 5 | {} ms (read {} ms, desired+plan {} ms, apply {} ms) |",
+            "| P-3 | one peer added to {n} (3 ops): Node event → `Daemon::reconcile` → status file, median of 5 | {} ms (pass {} ms, status file {} ms) |",
             g(&format!("p3.{n}.add_one_ms")),
-            g(&format!("p3.{n}.read_ms")),
-            g(&format!("p3.{n}.plan_ms")),
-            g(&format!("p3.{n}.apply_ms")),
+            g(&format!("p3.{n}.pass_ms")),
+            g(&format!("p3.{n}.status_ms")),
         );
     }
     let ratio = |a: u32, b: u32| -> String {
@@ -943,14 +1003,15 @@ fn table(files: &[PathBuf]) {
             .iter()
             .map(|n| {
                 format!(
-                    "{n}: {} + {} ms",
+                    "{n}: {} + {} ms (one event {} µs)",
                     g(&format!("planner.{n}.desired_ms")),
-                    g(&format!("planner.{n}.plan_ms"))
+                    g(&format!("planner.{n}.plan_ms")),
+                    g(&format!("planner.{n}.event_us"))
                 )
             })
             .collect();
         println!(
-            "| (P-2/P-3) | pure core on the host, resync with nothing to change: `nodes::desired` + `reconcile::plan` | {} |",
+            "| (P-2/P-3) | pure core on the host, in-memory kernel: resync with nothing to change (`nodes::desired` + `reconcile::plan`); one Node event through `Daemon::reconcile` (median of 51) | {} |",
             cells.join("; ")
         );
     }
@@ -997,7 +1058,7 @@ fn main() -> ExitCode {
         }
         Some("decode") => decode(arg(&args, "--secs", 2.0f64), arg(&args, "--list", 5000u32)),
         Some("planner") => {
-            let sizes: String = arg(&args, "--sizes", "1000,5000,10000".to_string());
+            let sizes: String = arg(&args, "--sizes", "2,1000,5000,10000".to_string());
             planner(
                 &sizes
                     .split(',')
