@@ -149,7 +149,8 @@ pub struct Daemon<K: Kernel> {
     dsr: Option<DsrShell>,
     /// IPVS services owned and IPVS ops planned by the last DSR pass.
     dsr_last: (usize, usize),
-    /// The desired state of the last reconcile (its peer table is what `status` shows).
+    /// The peer table of the last reconcile (what `status` shows), as a [`Desired`] without
+    /// objects.
     desired: Desired,
     /// Peers whose Node changed since the last pass.
     changed: BTreeSet<String>,
@@ -450,8 +451,10 @@ impl<K: Kernel> Daemon<K> {
         self.full = false;
         // Keep what the incremental path needs when it can be used: the kernel as it now is
         // (read again if this pass changed it; dropped first, so two copies never coexist).
+        let planned = plan.ops.len();
+        drop(plan);
         if errors == 0 && !self.cfg.dry_run && !self.cfg.dsr.enabled {
-            let actual = if plan.ops.is_empty() {
+            let actual = if planned == 0 {
                 Some(actual)
             } else {
                 drop(actual);
@@ -463,8 +466,13 @@ impl<K: Kernel> Daemon<K> {
                 claims,
             });
         }
-        self.desired = desired;
-        let ops = plan.ops.len() + self.dsr_last.1;
+        // Only the peer table is kept (status, summary, the incremental path): the objects follow
+        // from it and are recomputed by every full pass (SPEC P-4).
+        self.desired = Desired {
+            peers: desired.peers,
+            ..Desired::default()
+        };
+        let ops = planned + self.dsr_last.1;
         Ok(self.finish(ops, errors, now))
     }
 
@@ -1088,12 +1096,6 @@ mod tests {
         (want, plan)
     }
 
-    fn sorted_routes(d: &Desired) -> Vec<crate::model::Route> {
-        let mut r = d.routes.clone();
-        r.sort_by_key(|r| (r.table, r.dst));
-        r
-    }
-
     #[test]
     fn incremental_passes_end_where_full_passes_would() {
         // Random peer churn over small pools of IPs and pod CIDRs, so that peers move between
@@ -1158,9 +1160,7 @@ mod tests {
                 }
                 let (want, plan) = from_scratch(&mut d);
                 assert!(plan.ops.is_empty(), "{args:?}: left to do: {:?}", plan.ops);
-                assert_eq!(d.desired.tunnels, want.tunnels, "{args:?}");
                 assert_eq!(d.desired.peers, want.peers, "{args:?}");
-                assert_eq!(sorted_routes(&d.desired), sorted_routes(&want), "{args:?}");
             }
             let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
         }

@@ -696,8 +696,10 @@ pub fn full(
     Some((d, ctx, claims))
 }
 
-/// Replace the objects of the `changed` peers in `d` with what their current data (`now`: the
-/// node, or `None` when it was deleted) asks for, without looking at any other node (SPEC P-3).
+/// Replace the rows of the `changed` peers in `d.peers` with what their current data (the node,
+/// or `None` when it was deleted) asks for, and return their objects, without looking at any
+/// other node (SPEC P-3). Only the peer table of `d` is used and kept up to date: the tunnels and
+/// routes of every peer follow from it, so a long-lived `d` need not hold them.
 /// The result equals a full computation over the updated cache as long as no pod CIDR or tunnel
 /// name is contested: `None` when one was before or would be now (then `d` and `claims` are
 /// half-updated and must be recomputed with [`full`]). The local node must not be among them.
@@ -741,15 +743,6 @@ pub fn update<'a>(
         claims.cidrs.retain(|_, holder| holder != name);
         claims.names.retain(|_, holder| holder != name);
     }
-    for name in &scope.names {
-        if let Ok(at) = d.tunnels.binary_search_by(|t| t.name.as_str().cmp(name)) {
-            d.tunnels.remove(at);
-        }
-    }
-    if !scope.routes.is_empty() {
-        d.routes
-            .retain(|r| !scope.routes.contains(&(r.table, r.dst)));
-    }
     for f in &ctx.families {
         for (_, node) in &changed {
             if let Some(n) = node {
@@ -765,14 +758,11 @@ pub fn update<'a>(
         if !scope.names.contains(&t.name) {
             scope.names.push(t.name.clone());
         }
-        let at = d.tunnels.partition_point(|x| x.name < t.name);
-        d.tunnels.insert(at, t.clone());
     }
     for r in &scope.want.routes {
         if !scope.routes.contains(&(r.table, r.dst)) {
             scope.routes.push((r.table, r.dst));
         }
-        d.routes.push(r.clone());
     }
     for p in &scope.want.peers {
         let at = d

@@ -10,6 +10,7 @@
 //! krt-bench daemon --bin PATH [--peers 5000] [--idle 60]   P-4: the real binary vs the fake API
 //! krt-bench decode [--secs 2]                               watch/list decode throughput (no root)
 //! krt-bench planner [--sizes 1000,5000,10000]               desired + plan alone, in memory (no root)
+//! krt-bench memory [--peers 5000]                          heap by stage, in process (root)
 //! krt-bench table FILE...                                   the Markdown table of RESULT lines
 //! ```
 //!
@@ -739,6 +740,116 @@ fn daemon(bin: &Path, peers: u32, idle: u64, wrap: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+// ---------------------------------------------------------------------------------- memory --
+
+/// The system allocator, counting live and peak bytes (for `krt-bench memory`: where the
+/// daemon's peak RSS goes, stage by stage).
+struct Counting;
+
+static LIVE: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { std::alloc::System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size() as u64, Ordering::Relaxed) + l.size() as u64;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size() as u64, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let q = unsafe { std::alloc::System.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_sub(l.size() as u64, Ordering::Relaxed);
+            let now = LIVE.fetch_add(new as u64, Ordering::Relaxed) + new as u64;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Live heap now and the peak since the last call, in KiB; resets the peak to now.
+fn heap_mark() -> (u64, u64) {
+    let live = LIVE.load(Ordering::Relaxed);
+    let peak = PEAK.swap(live, Ordering::Relaxed);
+    (live / 1024, peak / 1024)
+}
+
+/// Heap use of the daemon's stages at `peers` peers, in process: the Node list as the API sends
+/// it (pages of 500) decoded, the cache, the first (converging) pass, a pass with nothing to
+/// do, and one Node event.
+fn memory(peers: u32) {
+    in_netns(|| {
+        setup_host();
+        let state = std::env::temp_dir().join(format!("krt-bench-mem-{}", std::process::id()));
+        let mark = |stage: &str| {
+            let (live, peak) = heap_mark();
+            result(&format!("mem.{peers}.{stage}.live_kib"), live);
+            result(&format!("mem.{peers}.{stage}.peak_kib"), peak);
+        };
+        mark("start");
+        let all = cluster(peers);
+        let mut objects: Vec<Node> = Vec::new();
+        for page in all.chunks(500) {
+            let items: Vec<serde_json::Value> = page
+                .iter()
+                .map(|n| {
+                    let ips: Vec<&str> = n.addresses.iter().map(|(_, a)| a.as_str()).collect();
+                    let cidrs: Vec<&str> = n.pod_cidrs.iter().map(String::as_str).collect();
+                    fakeapi::node_json(&n.name, &ips, &cidrs)
+                })
+                .collect();
+            let body = serde_json::to_vec(&serde_json::json!({
+                "kind": "NodeList", "apiVersion": "v1",
+                "metadata": {"resourceVersion": "1"}, "items": items}))
+            .expect("json");
+            drop(items);
+            let page = decode_list::<Node>(&body).expect("decode");
+            objects.extend(page.items);
+        }
+        drop(all);
+        mark("list_decoded");
+        let mut d = Daemon::new(
+            config(&state),
+            LOCAL.into(),
+            NetlinkKernel::open().expect("open netlink"),
+            Box::new(std::io::sink()),
+        );
+        d.on_nodes(Update::Replace(objects));
+        mark("cache");
+        let o = d.reconcile(Instant::now()).expect("first pass");
+        assert_eq!(o.failed, 0, "{}", o.summary);
+        mark("converge");
+        let o = d.reconcile(Instant::now()).expect("resync");
+        assert_eq!(o.planned, 0, "{}", o.summary);
+        d.request_full();
+        let o = d.reconcile(Instant::now()).expect("resync");
+        assert_eq!(o.planned, 0, "{}", o.summary);
+        mark("resync");
+        d.on_nodes(Update::Upsert(api_node(&peer_node(peers))));
+        let o = d.reconcile(Instant::now()).expect("event");
+        assert_eq!(o.planned, 3, "{}", o.summary);
+        mark("event");
+        let mut k = NetlinkKernel::open().expect("open netlink");
+        teardown(&mut k, &overlay().own);
+        drop(d);
+        mark("end");
+        let _ = std::fs::remove_dir_all(&state);
+    });
+}
+
 // ---------------------------------------------------------------------------------- decode --
 
 const RECORDED: &str = include_str!("../data/watch-nodes-http11.raw");
@@ -1066,6 +1177,7 @@ fn main() -> ExitCode {
                     .collect::<Vec<_>>(),
             );
         }
+        Some("memory") => memory(arg(&args, "--peers", 5000u32)),
         Some("table") => table(&args[1..].iter().map(PathBuf::from).collect::<Vec<_>>()),
         _ => {
             eprintln!("usage: krt-bench scale [--sizes 2,100,1000,5000] [--runs 2] | daemon --bin PATH [--peers 5000] [--idle 60] | decode [--secs 2] [--list 5000] | planner [--sizes 1000,5000,10000] | table FILE...");
