@@ -47,10 +47,12 @@ pub enum Event {
 pub fn node_info(n: &Node) -> NodeInfo {
     NodeInfo {
         name: n.metadata.name.clone(),
+        // Only the address types the overlay reads (not Hostname, InternalDNS…).
         addresses: n
             .status
             .addresses
             .iter()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
             .map(|a| (a.type_.clone(), a.address.clone()))
             .collect(),
         // Only the annotations the overlay reads: a real Node carries a dozen more.

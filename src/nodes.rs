@@ -5,7 +5,7 @@
 //! settings, and returns the tunnels, routes, rules and FOU ports that should exist, the peer table
 //! for operators, and diagnostics (bad node data) for the shell to log once per change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -326,15 +326,15 @@ pub struct Context {
     families: Vec<FamilyCtx>,
 }
 
-/// Who holds which pod CIDR and tunnel name. A CIDR or a name wanted by two nodes goes to the one
+/// The pod CIDRs and tunnel names in use. A CIDR or a name wanted by two nodes goes to the one
 /// whose name sorts first (SPEC N-5); such a contest makes every node's outcome depend on the
 /// others', so while one exists only a full computation is exact.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claims {
-    /// Pod CIDR → node (this node's own included).
-    cidrs: HashMap<IpNet, String>,
-    /// Tunnel name → node.
-    names: HashMap<String, String>,
+    /// Pod CIDRs claimed (this node's own included).
+    cidrs: HashSet<IpNet>,
+    /// Tunnel names in use.
+    names: HashSet<String>,
     /// Whether some CIDR or name was wanted by two nodes.
     pub contested: bool,
 }
@@ -428,7 +428,7 @@ impl Context {
     /// rules for our pod CIDRs; and this node's CIDRs in `claims`.
     fn base(&self, cfg: &Overlay, claims: &mut Claims, d: &mut Desired) {
         for c in &self.me.cidrs {
-            claims.cidrs.insert(*c, self.local.clone());
+            claims.cidrs.insert(*c);
         }
         if !cfg.enabled {
             return;
@@ -497,7 +497,7 @@ impl Context {
             .filter(|c| {
                 // A peer claiming one of our own pod CIDRs (or one already taken by a peer
                 // sorted before it) must not steal its route (SPEC N-5).
-                if claims.cidrs.contains_key(*c) {
+                if claims.cidrs.contains(*c) {
                     claims.contested = true;
                     diags.push(Diag {
                         node: p.name.clone(),
@@ -507,7 +507,7 @@ impl Context {
                     });
                     return false;
                 }
-                claims.cidrs.insert(**c, p.name.clone());
+                claims.cidrs.insert(**c);
                 true
             })
             .copied()
@@ -539,15 +539,20 @@ impl Context {
         let tunnel = cfg.enabled && (cfg.kind == OverlayType::Full || !same_subnet);
         let mode = if tunnel {
             let name = tunnel_name(&cfg.own.name_prefix, ip);
-            if let Some(holder) = claims.names.get(&name) {
+            if claims.names.contains(&name) {
                 claims.contested = true;
+                let holder = d
+                    .peers
+                    .iter()
+                    .find(|q| matches!(&q.mode, Mode::Tunnel { name: n, .. } if *n == name))
+                    .map_or("another node", |q| q.node.as_str());
                 diags.push(Diag {
                     node: p.name.clone(),
                     msg: format!("tunnel name {name} clashes with node {holder}'s; skipped"),
                 });
                 return;
             }
-            claims.names.insert(name.clone(), p.name.clone());
+            claims.names.insert(name.clone());
             d.tunnels.push(Tunnel {
                 name: name.clone(),
                 family,
@@ -734,14 +739,17 @@ pub fn update<'a>(
             let p = d.peers.remove(at);
             if let Mode::Tunnel { name, .. } = p.mode {
                 scope.routes.push((cfg.table, host_net(p.ip)));
+                claims.names.remove(&name);
                 scope.names.push(name);
             }
-            scope
-                .routes
-                .extend(p.cidrs.iter().map(|c| (MAIN_TABLE, *c)));
+            for c in &p.cidrs {
+                scope.routes.push((MAIN_TABLE, *c));
+                claims.cidrs.remove(c);
+            }
         }
-        claims.cidrs.retain(|_, holder| holder != name);
-        claims.names.retain(|_, holder| holder != name);
+        // A node without rows in a family (no address, say) may still hold claims there: they
+        // stay, and if the node claims them again that looks like a contest, which only costs
+        // a full pass (stale claims can make the incremental path give up, never go wrong).
     }
     for f in &ctx.families {
         for (_, node) in &changed {
