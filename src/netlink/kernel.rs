@@ -16,9 +16,15 @@
 //!
 //! Routes name their device; the ifindex comes from the link list of the last dump. When a route
 //! names a device the list does not know and links were created since that dump, the requests
-//! queued so far are sent and the links are dumped once more.
+//! queued so far are sent and the new links are looked up (by name, or with one more dump).
+//!
+//! Memory (SPEC P-4): dumps are decoded message by message as each datagram arrives, so the raw
+//! kernel messages of a dump are never held together, and a dump made only to learn ifindexes
+//! or to inspect one clash keeps no list of links.
 
 use std::collections::HashMap;
+
+use netlink_packet_core::DecodeError;
 
 use super::fou::{fou_add, fou_del, fou_dump, parse_fou_port, FOU_GENL_NAME};
 use super::genl::Genl;
@@ -28,7 +34,7 @@ use super::rtnl::{
     route_replace, rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE,
     RTM_NEWRULE,
 };
-use super::socket::{NetlinkError, NlSocket, Request, NETLINK_ROUTE};
+use super::socket::{DumpPart, NetlinkError, NlSocket, Request, NETLINK_ROUTE};
 use crate::apply::{Kernel, KernelError};
 use crate::model::{Actual, Addr, FouPort, Link, NextHop, Op, Ownership, Route, Rule, Tunnel};
 
@@ -44,6 +50,16 @@ pub struct NetlinkKernel {
     /// How many links were created since the last dump: a few are looked up by name, many by
     /// one dump.
     created: usize,
+    /// How many objects the last dumps returned: the capacity to start the next with.
+    last: DumpSizes,
+}
+
+/// Objects returned by the last dump of each kind (capacity hints only).
+#[derive(Debug, Default)]
+struct DumpSizes {
+    addrs: usize,
+    routes: usize,
+    rules: usize,
 }
 
 fn kerr(op: impl Into<String>, e: &NetlinkError) -> KernelError {
@@ -68,6 +84,61 @@ struct Pending {
     req: Request,
 }
 
+/// What one dump attempt decoded: the objects kept, and the errors of the messages that could not
+/// be decoded. The errors are logged once the dump is complete, so that an interrupted attempt
+/// (dropped and repeated) warns about nothing.
+struct Decoded<T> {
+    items: Vec<T>,
+    bad: Vec<DecodeError>,
+}
+
+impl<T> Decoded<T> {
+    fn with_capacity(n: usize) -> Decoded<T> {
+        Decoded {
+            items: Vec::with_capacity(n),
+            bad: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, r: Result<Option<T>, DecodeError>) {
+        match r {
+            Ok(Some(t)) => self.items.push(t),
+            Ok(None) => {}
+            Err(e) => self.bad.push(e),
+        }
+    }
+
+    /// Warns about each message skipped (`what`: "a link") and returns the objects, without
+    /// spare capacity (the caller may hold them for a while).
+    fn finish(mut self, what: &str) -> Vec<T> {
+        for e in &self.bad {
+            log::warn!("skipping {what} the dump could not decode: {e}");
+        }
+        self.items.shrink_to_fit();
+        self.items
+    }
+}
+
+/// Dumps `req` and decodes each message of type `msg_type` as it arrives (`Ok(None)`: not
+/// wanted), starting with room for `capacity` objects.
+fn dump_decoded<T>(
+    sock: &mut NlSocket,
+    req: &Request,
+    msg_type: u16,
+    capacity: usize,
+    mut decode: impl FnMut(&[u8]) -> Result<Option<T>, DecodeError>,
+) -> Result<Decoded<T>, NetlinkError> {
+    sock.dump_fold(
+        req,
+        || Decoded::with_capacity(capacity),
+        |d, m| {
+            if m.msg_type == msg_type {
+                d.push(decode(m.payload));
+            }
+        },
+    )
+}
+
 impl NetlinkKernel {
     /// Opens the rtnetlink and generic netlink sockets.
     pub fn open() -> Result<NetlinkKernel, KernelError> {
@@ -79,99 +150,118 @@ impl NetlinkKernel {
             index: HashMap::new(),
             index_stale: true,
             created: 0,
+            last: DumpSizes::default(),
         })
     }
 
     /// Dumps all links and refreshes the name → ifindex map.
     pub fn links(&mut self) -> Result<Vec<Link>, KernelError> {
-        let replies = self
-            .route
-            .dump(&link_dump())
-            .map_err(|e| kerr("dump links", &e))?;
-        let mut links = Vec::with_capacity(replies.len());
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
-            match parse_link(&r.payload) {
-                Ok(l) => links.push(l),
-                Err(e) => log::warn!("skipping a link the dump could not decode: {e}"),
+        // The map holds every link of the last dump (and the few learnt by name since).
+        let capacity = self.index.len();
+        self.dump_links(capacity, |_| true)
+    }
+
+    /// Dumps the links, refilling the name → ifindex map in place as they arrive, and returns the
+    /// ones `keep` wants, in dump order. After a failed dump the map is empty and stale: nothing
+    /// is known, and the next lookup dumps again.
+    fn dump_links(
+        &mut self,
+        capacity: usize,
+        mut keep: impl FnMut(&Link) -> bool,
+    ) -> Result<Vec<Link>, KernelError> {
+        let index = &mut self.index;
+        let mut kept = Decoded::with_capacity(capacity);
+        let res = self.route.dump_with(&link_dump(), |part| match part {
+            DumpPart::Start => {
+                index.clear();
+                kept.items.clear();
+                kept.bad.clear();
             }
+            DumpPart::Message(m) if m.msg_type == RTM_NEWLINK => match parse_link(m.payload) {
+                Ok(l) => {
+                    index.insert(l.name.clone(), l.index);
+                    if keep(&l) {
+                        kept.items.push(l);
+                    }
+                }
+                Err(e) => kept.bad.push(e),
+            },
+            DumpPart::Message(_) => {}
+        });
+        if let Err(e) = res {
+            self.index.clear();
+            self.index_stale = true;
+            return Err(kerr("dump links", &e));
         }
-        self.index = links.iter().map(|l| (l.name.clone(), l.index)).collect();
         self.index_stale = false;
         self.created = 0;
-        Ok(links)
+        Ok(kept.finish("a link"))
     }
 
     /// Dumps all addresses.
     pub fn addrs(&mut self) -> Result<Vec<Addr>, KernelError> {
-        let replies = self
-            .route
-            .dump(&addr_dump())
-            .map_err(|e| kerr("dump addresses", &e))?;
-        let mut out = Vec::with_capacity(replies.len());
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWADDR) {
-            match parse_addr(&r.payload) {
-                Ok(Some(a)) => out.push(a),
-                Ok(None) => {}
-                Err(e) => log::warn!("skipping an address the dump could not decode: {e}"),
-            }
-        }
+        let out = dump_decoded(
+            &mut self.route,
+            &addr_dump(),
+            RTM_NEWADDR,
+            self.last.addrs,
+            parse_addr,
+        )
+        .map_err(|e| kerr("dump addresses", &e))?
+        .finish("an address");
+        self.last.addrs = out.len();
         Ok(out)
     }
 
     /// Dumps the routes of `protocol` in every table and family; `links` names the devices.
     pub fn routes(&mut self, protocol: u8, links: &[Link]) -> Result<Vec<Route>, KernelError> {
-        let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
-        let replies = self
-            .route
-            .dump(&route_dump(protocol))
-            .map_err(|e| kerr("dump routes", &e))?;
-        let mut out = Vec::new();
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWROUTE) {
-            match parse_route(&r.payload, &names) {
-                Ok(Some(route)) if route.protocol == protocol => out.push(route),
-                Ok(_) => {}
-                Err(e) => log::warn!("skipping a route the dump could not decode: {e}"),
-            }
-        }
+        let names: HashMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+        let out = dump_decoded(
+            &mut self.route,
+            &route_dump(protocol),
+            RTM_NEWROUTE,
+            self.last.routes,
+            |p| {
+                parse_route(p, &names).map(|r| r.filter(|route: &Route| route.protocol == protocol))
+            },
+        )
+        .map_err(|e| kerr("dump routes", &e))?
+        .finish("a route");
+        self.last.routes = out.len();
         Ok(out)
     }
 
     /// Dumps the rules of `protocol` of every family.
     pub fn rules(&mut self, protocol: u8) -> Result<Vec<Rule>, KernelError> {
-        let replies = self
-            .route
-            .dump(&rule_dump())
-            .map_err(|e| kerr("dump rules", &e))?;
-        let mut out = Vec::new();
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWRULE) {
-            match parse_rule(&r.payload) {
-                Ok(Some(rule)) if rule.protocol == protocol => out.push(rule),
-                Ok(_) => {}
-                Err(e) => log::warn!("skipping a rule the dump could not decode: {e}"),
-            }
-        }
+        let out = dump_decoded(
+            &mut self.route,
+            &rule_dump(),
+            RTM_NEWRULE,
+            self.last.rules,
+            |p| parse_rule(p).map(|r| r.filter(|rule: &Rule| rule.protocol == protocol)),
+        )
+        .map_err(|e| kerr("dump rules", &e))?
+        .finish("a rule");
+        self.last.rules = out.len();
         Ok(out)
     }
 
     /// Dumps the FOU ports of both families. A kernel without the "fou" family has none.
     pub fn fou_ports(&mut self) -> Result<Vec<FouPort>, KernelError> {
-        let replies = match self.genl.dump(FOU_GENL_NAME, fou_dump) {
-            Ok(r) => r,
+        let decoded = self.genl.dump_fold(
+            FOU_GENL_NAME,
+            fou_dump,
+            || Decoded::with_capacity(0),
+            |d, m| d.push(parse_fou_port(m.payload)),
+        );
+        match decoded {
+            Ok(d) => Ok(d.finish("a fou port")),
             Err(e) if e.errno() == libc::ENOENT => {
                 log::debug!("no fou family (module not loaded?): no FOU ports");
-                return Ok(Vec::new());
+                Ok(Vec::new())
             }
-            Err(e) => return Err(kerr("dump fou ports", &e)),
-        };
-        let mut out = Vec::new();
-        for r in &replies {
-            match parse_fou_port(&r.payload) {
-                Ok(Some(p)) => out.push(p),
-                Ok(None) => {}
-                Err(e) => log::warn!("skipping a fou port the dump could not decode: {e}"),
-            }
+            Err(e) => Err(kerr("dump fou ports", &e)),
         }
-        Ok(out)
     }
 
     /// Deletes every link of `group` in one request (see [`link_delete_group`]); an empty group
@@ -243,7 +333,13 @@ impl NetlinkKernel {
 
     /// EEXIST on create: compare with what holds the name or the address pair.
     fn create_exists(&mut self, own: &Ownership, op: &Op, t: &Tunnel) -> Result<(), KernelError> {
-        let links = self.links()?;
+        let same_pair = |l: &Link| {
+            l.tunnel
+                .as_ref()
+                .is_some_and(|x| x.family == t.family && x.local == t.local && x.remote == t.remote)
+        };
+        // Only the links that can explain the clash are kept (the dump refreshes the map too).
+        let links = self.dump_links(2, |l| l.name == t.name || same_pair(l))?;
         if let Some(l) = links.iter().find(|l| l.name == t.name) {
             if !own.owns_link(l) {
                 return Err(clash(
@@ -266,12 +362,7 @@ impl NetlinkKernel {
                 ),
             ));
         }
-        let same_pair = links.iter().find(|l| {
-            l.tunnel
-                .as_ref()
-                .is_some_and(|x| x.family == t.family && x.local == t.local && x.remote == t.remote)
-        });
-        match same_pair {
+        match links.iter().find(|l| same_pair(l)) {
             Some(l) => Err(clash(
                 op,
                 format!(
@@ -325,7 +416,8 @@ impl NetlinkKernel {
                 Err(e) => log::debug!("get link {name}: {e}; dumping links instead"),
             }
         }
-        self.links()?;
+        // Only the map is wanted: no list of links is kept.
+        self.dump_links(0, |_| false)?;
         Ok(self.index.get(name).copied())
     }
 

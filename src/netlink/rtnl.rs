@@ -558,12 +558,13 @@ pub fn route_dump(protocol: u8) -> Request {
     Request::new(RTM_GETROUTE, 0, &m)
 }
 
-/// Parses an `RTM_NEWROUTE` body. `names` maps ifindex to link name; an unknown ifindex becomes
-/// `if<N>`. `None` for routes the model cannot express (multipath, no destination family,
-/// neither gateway nor device, e.g. blackhole); callers skip them.
-pub fn parse_route(
+/// Parses an `RTM_NEWROUTE` body. `names` maps ifindex to link name (owned or borrowed from the
+/// links); an unknown ifindex becomes `if<N>`. `None` for routes the model cannot express
+/// (multipath, no destination family, neither gateway nor device, e.g. blackhole); callers skip
+/// them.
+pub fn parse_route<S: AsRef<str>>(
     payload: &[u8],
-    names: &HashMap<u32, String>,
+    names: &HashMap<u32, S>,
 ) -> Result<Option<Route>, DecodeError> {
     let h = RouteHeader::parse(payload)?;
     let Some(family) = family_of_af(h.address_family) else {
@@ -604,7 +605,11 @@ pub fn parse_route(
     .map_err(|_| DecodeError::from("bad route prefix length"))?;
     let nexthop = match (gw, oif) {
         (Some(g), _) => NextHop::Via(g),
-        (None, Some(i)) => NextHop::Dev(names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"))),
+        (None, Some(i)) => NextHop::Dev(
+            names
+                .get(&i)
+                .map_or_else(|| format!("if{i}"), |n| n.as_ref().to_string()),
+        ),
         (None, None) => return Ok(None),
     };
     Ok(Some(Route {
@@ -855,10 +860,16 @@ mod tests {
     fn route_unknown_oif_and_no_nexthop() {
         let r = route("10.244.1.0/24", NextHop::Dev("x".into()));
         let req = route_replace(&r, Some(42));
-        let got = parse_route(&req.payload, &HashMap::new()).unwrap().unwrap();
+        let got = parse_route(&req.payload, &HashMap::<u32, String>::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(got.nexthop, NextHop::Dev("if42".into()));
         assert_eq!(
-            parse_route(&route_replace(&r, None).payload, &HashMap::new()).unwrap(),
+            parse_route(
+                &route_replace(&r, None).payload,
+                &HashMap::<u32, String>::new()
+            )
+            .unwrap(),
             None
         );
     }
