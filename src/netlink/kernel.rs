@@ -20,7 +20,8 @@
 //!
 //! Memory (SPEC P-4): dumps are decoded message by message as each datagram arrives, so the raw
 //! kernel messages of a dump are never held together, and a dump made only to learn ifindexes
-//! or to inspect one clash keeps no list of links.
+//! or to inspect one clash keeps no list of links. Requests are sent as soon as a whole batch
+//! ([`BATCH_MESSAGES`], [`BATCH_BYTES`]) is queued, so `apply` holds at most one batch of them.
 
 use std::collections::HashMap;
 
@@ -34,7 +35,9 @@ use super::rtnl::{
     route_replace, rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE,
     RTM_NEWRULE,
 };
-use super::socket::{DumpPart, NetlinkError, NlSocket, Request, NETLINK_ROUTE};
+use super::socket::{
+    DumpPart, NetlinkError, NlSocket, Request, BATCH_BYTES, BATCH_MESSAGES, NETLINK_ROUTE,
+};
 use crate::apply::{Kernel, KernelError};
 use crate::model::{Actual, Addr, FouPort, Link, NextHop, Op, Ownership, Route, Rule, Tunnel};
 
@@ -82,6 +85,33 @@ fn clash(op: &Op, msg: String) -> KernelError {
 struct Pending {
     op: usize,
     req: Request,
+}
+
+impl AsRef<Request> for Pending {
+    fn as_ref(&self) -> &Request {
+        &self.req
+    }
+}
+
+/// The requests queued for the next batch, in plan order.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// Their size in a datagram.
+    bytes: usize,
+}
+
+impl Queue {
+    fn push(&mut self, op: usize, req: Request) {
+        self.bytes += req.encoded_len();
+        self.pending.push(Pending { op, req });
+    }
+
+    /// A whole batch is queued: sending it now changes neither what the kernel sees nor in
+    /// which order, and keeps `apply` from holding thousands of requests.
+    fn full(&self) -> bool {
+        self.pending.len() >= BATCH_MESSAGES || self.bytes >= BATCH_BYTES
+    }
 }
 
 /// What one dump attempt decoded: the objects kept, and the errors of the messages that could not
@@ -283,15 +313,15 @@ impl NetlinkKernel {
         &mut self,
         own: &Ownership,
         ops: &[Op],
-        pending: &mut Vec<Pending>,
+        queue: &mut Queue,
         failed: &mut Vec<(usize, KernelError)>,
     ) {
-        if pending.is_empty() {
+        if queue.pending.is_empty() {
             return;
         }
-        let reqs: Vec<Request> = pending.iter().map(|p| p.req.clone()).collect();
-        let results = self.route.batch(&reqs);
-        for (p, res) in pending.drain(..).zip(results) {
+        let results = self.route.batch(&queue.pending);
+        queue.bytes = 0;
+        for (p, res) in queue.pending.drain(..).zip(results) {
             let op = &ops[p.op];
             let outcome = match res {
                 Ok(()) => Ok(()),
@@ -386,7 +416,7 @@ impl NetlinkKernel {
         own: &Ownership,
         ops: &[Op],
         name: &str,
-        pending: &mut Vec<Pending>,
+        queue: &mut Queue,
         failed: &mut Vec<(usize, KernelError)>,
     ) -> Result<Option<u32>, KernelError> {
         if let Some(i) = self.index.get(name) {
@@ -395,7 +425,7 @@ impl NetlinkKernel {
         if !self.index_stale {
             return Ok(None);
         }
-        self.flush(own, ops, pending, failed);
+        self.flush(own, ops, queue, failed);
         // One event adds a peer or two: asking for the few new links by name keeps that
         // O(changes); a large batch is cheaper with one dump (SPEC P-1, P-3).
         const BY_NAME_UP_TO: usize = 16;
@@ -469,12 +499,12 @@ impl Kernel for NetlinkKernel {
 
     fn apply(&mut self, own: &Ownership, ops: &[Op]) -> Vec<(usize, KernelError)> {
         let mut failed = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
+        let mut queue = Queue::default();
         for (i, op) in ops.iter().enumerate() {
             let req = match op {
                 Op::AddFouPort(p) | Op::DelFouPort(p) => {
                     // Another socket: keep the order by sending what is queued first.
-                    self.flush(own, ops, &mut pending, &mut failed);
+                    self.flush(own, ops, &mut queue, &mut failed);
                     match self.fou_op(op, p, matches!(op, Op::AddFouPort(_))) {
                         Ok(()) => log::info!("{op}"),
                         Err(e) => failed.push((i, e)),
@@ -495,7 +525,7 @@ impl Kernel for NetlinkKernel {
                 Op::ReplaceRoute(r) | Op::DeleteRoute(r) => {
                     let oif = match &r.nexthop {
                         NextHop::Dev(name) => {
-                            match self.resolve(own, ops, name, &mut pending, &mut failed) {
+                            match self.resolve(own, ops, name, &mut queue, &mut failed) {
                                 Ok(oif) => oif,
                                 Err(e) => {
                                     failed.push((
@@ -532,10 +562,50 @@ impl Kernel for NetlinkKernel {
                 Op::AddRule(r) => rule_add(r),
                 Op::DeleteRule(r) => rule_delete(r),
             };
-            pending.push(Pending { op: i, req });
+            // Queued after the op's own bookkeeping above (a create marks the map stale), so a
+            // flush here, whose error handling may dump the links, sees this request sent.
+            queue.push(i, req);
+            if queue.full() {
+                self.flush(own, ops, &mut queue, &mut failed);
+            }
         }
-        self.flush(own, ops, &mut pending, &mut failed);
+        self.flush(own, ops, &mut queue, &mut failed);
         failed.sort_by_key(|(i, _)| *i);
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(len: usize) -> Request {
+        Request {
+            msg_type: RTM_NEWLINK,
+            flags: 0,
+            payload: vec![0; len],
+        }
+    }
+
+    /// A queue is full at one batch's worth of messages or bytes, whichever comes first, and
+    /// `batch` takes it as it is (no copy of the requests).
+    #[test]
+    fn queue_full_at_one_batch() {
+        let mut q = Queue::default();
+        for i in 0..BATCH_MESSAGES {
+            assert!(!q.full(), "{i}");
+            q.push(i, req(100));
+        }
+        assert!(q.full());
+        assert_eq!(q.bytes, BATCH_MESSAGES * 116);
+        assert_eq!(
+            super::super::socket::chunks(&q.pending, BATCH_BYTES, BATCH_MESSAGES).len(),
+            1
+        );
+        let mut q = Queue::default();
+        q.push(0, req(BATCH_BYTES / 2));
+        assert!(!q.full());
+        q.push(1, req(BATCH_BYTES / 2));
+        assert!(q.full());
     }
 }

@@ -100,7 +100,18 @@ pub struct Request {
     pub payload: Vec<u8>,
 }
 
+impl AsRef<Request> for Request {
+    fn as_ref(&self) -> &Request {
+        self
+    }
+}
+
 impl Request {
+    /// Bytes this request takes in a datagram: `nlmsghdr`, payload and padding.
+    pub fn encoded_len(&self) -> usize {
+        nlmsg_align(NLMSG_HDRLEN + self.payload.len())
+    }
+
     /// A request whose payload is `body` serialized.
     pub fn new(msg_type: u16, flags: u16, body: &impl Emitable) -> Request {
         let mut payload = vec![0; body.buffer_len()];
@@ -457,12 +468,16 @@ fn fold_dump<A>(
 }
 
 /// Groups requests into datagrams: returns the index ranges of `reqs` for each send.
-pub(crate) fn chunks(reqs: &[Request], max_bytes: usize, max_msgs: usize) -> Vec<(usize, usize)> {
+pub(crate) fn chunks<R: AsRef<Request>>(
+    reqs: &[R],
+    max_bytes: usize,
+    max_msgs: usize,
+) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
     for (i, r) in reqs.iter().enumerate() {
-        let len = nlmsg_align(NLMSG_HDRLEN + r.payload.len());
+        let len = r.as_ref().encoded_len();
         if i > start && (bytes + len > max_bytes || i - start >= max_msgs) {
             out.push((start, i));
             start = i;
@@ -715,13 +730,18 @@ impl NlSocket {
     /// Sends every request with `NLM_F_ACK`, packed into as few datagrams as fit (see the module
     /// notes), and returns one result per request, in order. Requests are handled by the kernel
     /// in order; a failed one does not stop the rest.
-    pub fn batch(&mut self, reqs: &[Request]) -> Vec<Result<(), NetlinkError>> {
+    pub fn batch<R: AsRef<Request>>(&mut self, reqs: &[R]) -> Vec<Result<(), NetlinkError>> {
         let mut results: Vec<Option<Result<(), NetlinkError>>> = vec![None; reqs.len()];
         for (start, end) in chunks(reqs, BATCH_BYTES, BATCH_MESSAGES) {
             let first = self.reserve_seqs(end - start);
             let mut out = Vec::with_capacity(BATCH_BYTES);
             for (i, r) in reqs[start..end].iter().enumerate() {
-                encode(&mut out, r, NLM_F_REQUEST | NLM_F_ACK, first + i as u32);
+                encode(
+                    &mut out,
+                    r.as_ref(),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    first + i as u32,
+                );
             }
             if let Err(e) = self.send(&out) {
                 for slot in &mut results[start..end] {
@@ -932,7 +952,7 @@ mod tests {
         assert_eq!(chunks(&reqs, 10_000, 4), vec![(0, 4), (4, 8), (8, 10)]);
         // A request larger than the limit still goes out, alone.
         assert_eq!(chunks(&reqs[..2], 50, 10), vec![(0, 1), (1, 2)]);
-        assert_eq!(chunks(&[], 50, 10), vec![]);
+        assert_eq!(chunks::<Request>(&[], 50, 10), vec![]);
     }
 
     /// One message as the kernel sends it: header with `pid` and `seq`, then `payload`.
