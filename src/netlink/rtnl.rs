@@ -291,8 +291,13 @@ pub fn link_delete_group(group: u32) -> Request {
     Request::new(RTM_DELLINK, 0, &m)
 }
 
-/// Dumps all links. Statistics are not requested (`RTEXT_FILTER_SKIP_STATS`), which keeps a
-/// dump of thousands of tunnels small.
+/// Dumps all links, asking the kernel to leave statistics out (`IFLA_EXT_MASK` =
+/// `RTEXT_FILTER_SKIP_STATS`). What that saves depends on the kernel: from 4.4 (d5566fd72ec1)
+/// the IPv6 statistics in `IFLA_AF_SPEC` (later also the VF statistics), from 6.19
+/// (105bae321862) `IFLA_STATS` and `IFLA_STATS64` too. On Debian's 6.1 a dump of 5,000 ipip
+/// tunnels comes to 1,171 bytes per link instead of 1,531 (5.9 MB instead of 7.7 MB). Kernels
+/// that do not know the bit ignore it: `rtnl_dump_ifinfo` tests only the bits it knows, and
+/// strict checking (`NETLINK_GET_STRICT_CHK`) validates the attribute, not the mask.
 pub fn link_dump() -> Request {
     let mut m = LinkMessage::default();
     m.attributes
