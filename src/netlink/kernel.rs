@@ -47,7 +47,7 @@ pub struct NetlinkKernel {
     route: NlSocket,
     genl: Genl,
     /// Link name → ifindex, from the last link dump.
-    index: HashMap<String, u32>,
+    index: HashMap<IfName, u32>,
     /// Links were created since `index` was filled (or it never was).
     index_stale: bool,
     /// How many links were created since the last dump: a few are looked up by name, many by
@@ -55,6 +55,41 @@ pub struct NetlinkKernel {
     created: usize,
     /// How many objects the last dumps returned: the capacity to start the next with.
     last: DumpSizes,
+}
+
+/// A link name as the kernel keeps it, at most `IFNAMSIZ - 1` = 15 bytes, held inline: the
+/// name → ifindex map of thousands of links then allocates no strings (20 bytes an entry
+/// instead of 32 plus a heap block).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct IfName {
+    len: u8,
+    bytes: [u8; IfName::MAX],
+}
+
+impl IfName {
+    const MAX: usize = 15;
+
+    /// `None` for a name no kernel link can have (longer than 15 bytes).
+    fn new(name: &str) -> Option<IfName> {
+        let b = name.as_bytes();
+        let mut bytes = [0; IfName::MAX];
+        bytes.get_mut(..b.len())?.copy_from_slice(b);
+        Some(IfName {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+
+    fn as_str(&self) -> &str {
+        // Built from a `&str` of `len` bytes, so this is that string.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 /// Objects returned by the last dump of each kind (capacity hints only).
@@ -209,7 +244,9 @@ impl NetlinkKernel {
             }
             DumpPart::Message(m) if m.msg_type == RTM_NEWLINK => match parse_link(m.payload) {
                 Ok(l) => {
-                    index.insert(l.name.clone(), l.index);
+                    if let Some(name) = IfName::new(&l.name) {
+                        index.insert(name, l.index);
+                    }
                     if keep(&l) {
                         kept.items.push(l);
                     }
@@ -419,7 +456,11 @@ impl NetlinkKernel {
         queue: &mut Queue,
         failed: &mut Vec<(usize, KernelError)>,
     ) -> Result<Option<u32>, KernelError> {
-        if let Some(i) = self.index.get(name) {
+        let Some(key) = IfName::new(name) else {
+            // Longer than any link name: no link has it.
+            return Ok(None);
+        };
+        if let Some(i) = self.index.get(&key) {
             return Ok(Some(*i));
         }
         if !self.index_stale {
@@ -434,10 +475,12 @@ impl NetlinkKernel {
                 Ok(replies) => {
                     for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
                         if let Ok(l) = parse_link(&r.payload) {
-                            self.index.insert(l.name, l.index);
+                            if let Some(n) = IfName::new(&l.name) {
+                                self.index.insert(n, l.index);
+                            }
                         }
                     }
-                    if let Some(i) = self.index.get(name) {
+                    if let Some(i) = self.index.get(&key) {
                         return Ok(Some(*i));
                     }
                 }
@@ -448,7 +491,7 @@ impl NetlinkKernel {
         }
         // Only the map is wanted: no list of links is kept.
         self.dump_links(0, |_| false)?;
-        Ok(self.index.get(name).copied())
+        Ok(self.index.get(&key).copied())
     }
 
     fn fou_op(&mut self, op: &Op, p: &FouPort, add: bool) -> Result<(), KernelError> {
@@ -519,7 +562,9 @@ impl Kernel for NetlinkKernel {
                 Op::ChangeTunnel { index, want } => link_change(*index, want),
                 Op::SetUp { index, .. } => link_set_up(*index),
                 Op::DeleteTunnel { index, name } => {
-                    self.index.remove(name);
+                    if let Some(n) = IfName::new(name) {
+                        self.index.remove(&n);
+                    }
                     link_delete(*index)
                 }
                 Op::ReplaceRoute(r) | Op::DeleteRoute(r) => {
@@ -585,6 +630,17 @@ mod tests {
             flags: 0,
             payload: vec![0; len],
         }
+    }
+
+    #[test]
+    fn ifname_inline() {
+        let n = IfName::new("kt0a000002").unwrap();
+        assert_eq!(n.as_str(), "kt0a000002");
+        assert_eq!(format!("{n:?}"), "\"kt0a000002\"");
+        assert_eq!(IfName::new("123456789012345").unwrap().as_str().len(), 15);
+        assert_eq!(IfName::new("1234567890123456"), None);
+        assert_eq!(IfName::new("").unwrap().as_str(), "");
+        assert_ne!(IfName::new("a"), IfName::new("a\0"));
     }
 
     /// A queue is full at one batch's worth of messages or bytes, whichever comes first, and
