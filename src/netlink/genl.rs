@@ -18,7 +18,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 
-use super::socket::{NetlinkError, NlSocket, Reply, Request, NETLINK_GENERIC};
+use super::socket::{Message, NetlinkError, NlSocket, Reply, Request, NETLINK_GENERIC};
 
 // uapi <linux/genetlink.h>.
 /// `GENL_ID_CTRL`: the fixed ID of the nlctrl family.
@@ -335,13 +335,27 @@ impl Genl {
         self.with_family(family, |sock, id| sock.request(&build(id)))
     }
 
-    /// Dumps `build(family_id)`.
+    /// Dumps `build(family_id)` and returns an owned copy of every message.
     pub fn dump(
         &mut self,
         family: &str,
         build: impl Fn(u16) -> Request,
     ) -> Result<Vec<Reply>, NetlinkError> {
         self.with_family(family, |sock, id| sock.dump(&build(id)))
+    }
+
+    /// Dumps `build(family_id)`, folding the messages into an accumulator as they arrive (see
+    /// [`NlSocket::dump_fold`]; a repeat after the family moved starts from `start()` again).
+    pub fn dump_fold<A>(
+        &mut self,
+        family: &str,
+        build: impl Fn(u16) -> Request,
+        mut start: impl FnMut() -> A,
+        mut each: impl FnMut(&mut A, Message<'_>),
+    ) -> Result<A, NetlinkError> {
+        self.with_family(family, |sock, id| {
+            sock.dump_fold(&build(id), &mut start, &mut each)
+        })
     }
 }
 

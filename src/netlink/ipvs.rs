@@ -737,9 +737,14 @@ pub fn parse_dest(payload: &[u8], family: Family) -> Result<RealServer, DecodeEr
 pub trait GenlTransport {
     /// Sends one request (payload after `nlmsghdr`) and waits for its ack.
     fn request(&mut self, payload: &[u8]) -> Result<(), NetlinkError>;
-    /// Sends a dump request and returns the payload of every reply message (after `nlmsghdr`),
-    /// retrying interrupted dumps.
-    fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, NetlinkError>;
+    /// Sends a dump request and folds the payload of every reply message (after `nlmsghdr`) into
+    /// an accumulator as it arrives. An interrupted dump is repeated from a fresh `start()`.
+    fn dump_fold<A>(
+        &mut self,
+        payload: &[u8],
+        start: impl FnMut() -> A,
+        each: impl FnMut(&mut A, &[u8]),
+    ) -> Result<A, NetlinkError>;
 }
 
 /// [`GenlTransport`] over [`Genl`], which resolves the "IPVS" family through nlctrl, caches the
@@ -772,9 +777,18 @@ impl GenlTransport for IpvsSocket {
             .map(|_| ())
     }
 
-    fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, NetlinkError> {
-        let replies = self.0.dump(IPVS_GENL_NAME, |id| req(id, payload))?;
-        Ok(replies.into_iter().map(|r| r.payload).collect())
+    fn dump_fold<A>(
+        &mut self,
+        payload: &[u8],
+        start: impl FnMut() -> A,
+        mut each: impl FnMut(&mut A, &[u8]),
+    ) -> Result<A, NetlinkError> {
+        self.0.dump_fold(
+            IPVS_GENL_NAME,
+            |id| req(id, payload),
+            start,
+            |acc, m| each(acc, m.payload),
+        )
     }
 }
 
@@ -794,22 +808,29 @@ pub fn read_state(
     owned: &BTreeSet<ServiceKey>,
 ) -> Result<IpvsState, KernelError> {
     let mut st = IpvsState::default();
-    let replies = t
-        .dump(&dump_services().to_bytes())
-        .map_err(|e| kerr("dump ipvs services".into(), e))?;
-    for r in replies {
-        match parse_service(&r) {
-            Ok(Some(ListedService::Addr(s))) => st.services.push(s),
-            Ok(_) => {}
-            Err(e) => {
-                return Err(KernelError {
-                    op: "dump ipvs services".into(),
-                    errno: 0,
-                    msg: format!("malformed reply: {e}"),
-                })
-            }
-        }
-    }
+    // Replies are decoded as they arrive; the first undecodable one fails the read (the dump is
+    // still read to its end).
+    let malformed = |op: &str, e: DecodeError| KernelError {
+        op: op.into(),
+        errno: 0,
+        msg: format!("malformed reply: {e}"),
+    };
+    st.services = t
+        .dump_fold(
+            &dump_services().to_bytes(),
+            || Ok(Vec::new()),
+            |acc: &mut Result<Vec<VirtualService>, DecodeError>, p| {
+                if let Ok(services) = acc {
+                    match parse_service(p) {
+                        Ok(Some(ListedService::Addr(s))) => services.push(s),
+                        Ok(_) => {}
+                        Err(e) => *acc = Err(e),
+                    }
+                }
+            },
+        )
+        .map_err(|e| kerr("dump ipvs services".into(), e))?
+        .map_err(|e| malformed("dump ipvs services", e))?;
     let keys: Vec<ServiceKey> = st
         .services
         .iter()
@@ -818,17 +839,21 @@ pub fn read_state(
         .collect();
     for k in keys {
         let op = format!("dump ipvs real servers of {k}");
-        let replies = t
-            .dump(&dump_dests(&k).to_bytes())
-            .map_err(|e| kerr(op.clone(), e))?;
-        let mut dests = Vec::new();
-        for r in replies {
-            dests.push(parse_dest(&r, k.family()).map_err(|e| KernelError {
-                op: op.clone(),
-                errno: 0,
-                msg: format!("malformed reply: {e}"),
-            })?);
-        }
+        let dests = t
+            .dump_fold(
+                &dump_dests(&k).to_bytes(),
+                || Ok(Vec::new()),
+                |acc: &mut Result<Vec<RealServer>, DecodeError>, p| {
+                    if let Ok(dests) = acc {
+                        match parse_dest(p, k.family()) {
+                            Ok(d) => dests.push(d),
+                            Err(e) => *acc = Err(e),
+                        }
+                    }
+                },
+            )
+            .map_err(|e| kerr(op.clone(), e))?
+            .map_err(|e| malformed(&op, e))?;
         st.dests.insert(k, dests);
     }
     Ok(st)
@@ -953,9 +978,18 @@ mod unit {
                 }),
             }
         }
-        fn dump(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        fn dump_fold<A>(
+            &mut self,
+            payload: &[u8],
+            mut start: impl FnMut() -> A,
+            mut each: impl FnMut(&mut A, &[u8]),
+        ) -> Result<A, NetlinkError> {
             self.seen.push(payload[0]);
-            Ok(self.dumps.remove(0))
+            let mut acc = start();
+            for p in self.dumps.remove(0) {
+                each(&mut acc, &p);
+            }
+            Ok(acc)
         }
     }
 

@@ -16,9 +16,16 @@
 //!
 //! Routes name their device; the ifindex comes from the link list of the last dump. When a route
 //! names a device the list does not know and links were created since that dump, the requests
-//! queued so far are sent and the links are dumped once more.
+//! queued so far are sent and the new links are looked up (by name, or with one more dump).
+//!
+//! Memory (SPEC P-4): dumps are decoded message by message as each datagram arrives, so the raw
+//! kernel messages of a dump are never held together, and a dump made only to learn ifindexes
+//! or to inspect one clash keeps no list of links. Requests are sent as soon as a whole batch
+//! ([`BATCH_MESSAGES`], [`BATCH_BYTES`]) is queued, so `apply` holds at most one batch of them.
 
 use std::collections::HashMap;
+
+use netlink_packet_core::DecodeError;
 
 use super::fou::{fou_add, fou_del, fou_dump, parse_fou_port, FOU_GENL_NAME};
 use super::genl::Genl;
@@ -28,7 +35,9 @@ use super::rtnl::{
     route_replace, rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE,
     RTM_NEWRULE,
 };
-use super::socket::{NetlinkError, NlSocket, Request, NETLINK_ROUTE};
+use super::socket::{
+    DumpPart, NetlinkError, NlSocket, Request, BATCH_BYTES, BATCH_MESSAGES, NETLINK_ROUTE,
+};
 use crate::apply::{Kernel, KernelError};
 use crate::model::{Actual, Addr, FouPort, Link, NextHop, Op, Ownership, Route, Rule, Tunnel};
 
@@ -38,12 +47,57 @@ pub struct NetlinkKernel {
     route: NlSocket,
     genl: Genl,
     /// Link name → ifindex, from the last link dump.
-    index: HashMap<String, u32>,
+    index: HashMap<IfName, u32>,
     /// Links were created since `index` was filled (or it never was).
     index_stale: bool,
     /// How many links were created since the last dump: a few are looked up by name, many by
     /// one dump.
     created: usize,
+    /// How many objects the last dumps returned: the capacity to start the next with.
+    last: DumpSizes,
+}
+
+/// A link name as the kernel keeps it, at most `IFNAMSIZ - 1` = 15 bytes, held inline: the
+/// name → ifindex map of thousands of links then allocates no strings (20 bytes an entry
+/// instead of 32 plus a heap block).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct IfName {
+    len: u8,
+    bytes: [u8; IfName::MAX],
+}
+
+impl IfName {
+    const MAX: usize = 15;
+
+    /// `None` for a name no kernel link can have (longer than 15 bytes).
+    fn new(name: &str) -> Option<IfName> {
+        let b = name.as_bytes();
+        let mut bytes = [0; IfName::MAX];
+        bytes.get_mut(..b.len())?.copy_from_slice(b);
+        Some(IfName {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+
+    fn as_str(&self) -> &str {
+        // Built from a `&str` of `len` bytes, so this is that string.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// Objects returned by the last dump of each kind (capacity hints only).
+#[derive(Debug, Default)]
+struct DumpSizes {
+    addrs: usize,
+    routes: usize,
+    rules: usize,
 }
 
 fn kerr(op: impl Into<String>, e: &NetlinkError) -> KernelError {
@@ -68,6 +122,88 @@ struct Pending {
     req: Request,
 }
 
+impl AsRef<Request> for Pending {
+    fn as_ref(&self) -> &Request {
+        &self.req
+    }
+}
+
+/// The requests queued for the next batch, in plan order.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// Their size in a datagram.
+    bytes: usize,
+}
+
+impl Queue {
+    fn push(&mut self, op: usize, req: Request) {
+        self.bytes += req.encoded_len();
+        self.pending.push(Pending { op, req });
+    }
+
+    /// A whole batch is queued: sending it now changes neither what the kernel sees nor in
+    /// which order, and keeps `apply` from holding thousands of requests.
+    fn full(&self) -> bool {
+        self.pending.len() >= BATCH_MESSAGES || self.bytes >= BATCH_BYTES
+    }
+}
+
+/// What one dump attempt decoded: the objects kept, and the errors of the messages that could not
+/// be decoded. The errors are logged once the dump is complete, so that an interrupted attempt
+/// (dropped and repeated) warns about nothing.
+struct Decoded<T> {
+    items: Vec<T>,
+    bad: Vec<DecodeError>,
+}
+
+impl<T> Decoded<T> {
+    fn with_capacity(n: usize) -> Decoded<T> {
+        Decoded {
+            items: Vec::with_capacity(n),
+            bad: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, r: Result<Option<T>, DecodeError>) {
+        match r {
+            Ok(Some(t)) => self.items.push(t),
+            Ok(None) => {}
+            Err(e) => self.bad.push(e),
+        }
+    }
+
+    /// Warns about each message skipped (`what`: "a link") and returns the objects, without
+    /// spare capacity (the caller may hold them for a while).
+    fn finish(mut self, what: &str) -> Vec<T> {
+        for e in &self.bad {
+            log::warn!("skipping {what} the dump could not decode: {e}");
+        }
+        self.items.shrink_to_fit();
+        self.items
+    }
+}
+
+/// Dumps `req` and decodes each message of type `msg_type` as it arrives (`Ok(None)`: not
+/// wanted), starting with room for `capacity` objects.
+fn dump_decoded<T>(
+    sock: &mut NlSocket,
+    req: &Request,
+    msg_type: u16,
+    capacity: usize,
+    mut decode: impl FnMut(&[u8]) -> Result<Option<T>, DecodeError>,
+) -> Result<Decoded<T>, NetlinkError> {
+    sock.dump_fold(
+        req,
+        || Decoded::with_capacity(capacity),
+        |d, m| {
+            if m.msg_type == msg_type {
+                d.push(decode(m.payload));
+            }
+        },
+    )
+}
+
 impl NetlinkKernel {
     /// Opens the rtnetlink and generic netlink sockets.
     pub fn open() -> Result<NetlinkKernel, KernelError> {
@@ -79,99 +215,120 @@ impl NetlinkKernel {
             index: HashMap::new(),
             index_stale: true,
             created: 0,
+            last: DumpSizes::default(),
         })
     }
 
     /// Dumps all links and refreshes the name → ifindex map.
     pub fn links(&mut self) -> Result<Vec<Link>, KernelError> {
-        let replies = self
-            .route
-            .dump(&link_dump())
-            .map_err(|e| kerr("dump links", &e))?;
-        let mut links = Vec::with_capacity(replies.len());
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
-            match parse_link(&r.payload) {
-                Ok(l) => links.push(l),
-                Err(e) => log::warn!("skipping a link the dump could not decode: {e}"),
+        // The map holds every link of the last dump (and the few learnt by name since).
+        let capacity = self.index.len();
+        self.dump_links(capacity, |_| true)
+    }
+
+    /// Dumps the links, refilling the name → ifindex map in place as they arrive, and returns the
+    /// ones `keep` wants, in dump order. After a failed dump the map is empty and stale: nothing
+    /// is known, and the next lookup dumps again.
+    fn dump_links(
+        &mut self,
+        capacity: usize,
+        mut keep: impl FnMut(&Link) -> bool,
+    ) -> Result<Vec<Link>, KernelError> {
+        let index = &mut self.index;
+        let mut kept = Decoded::with_capacity(capacity);
+        let res = self.route.dump_with(&link_dump(), |part| match part {
+            DumpPart::Start => {
+                index.clear();
+                kept.items.clear();
+                kept.bad.clear();
             }
+            DumpPart::Message(m) if m.msg_type == RTM_NEWLINK => match parse_link(m.payload) {
+                Ok(l) => {
+                    if let Some(name) = IfName::new(&l.name) {
+                        index.insert(name, l.index);
+                    }
+                    if keep(&l) {
+                        kept.items.push(l);
+                    }
+                }
+                Err(e) => kept.bad.push(e),
+            },
+            DumpPart::Message(_) => {}
+        });
+        if let Err(e) = res {
+            self.index.clear();
+            self.index_stale = true;
+            return Err(kerr("dump links", &e));
         }
-        self.index = links.iter().map(|l| (l.name.clone(), l.index)).collect();
         self.index_stale = false;
         self.created = 0;
-        Ok(links)
+        Ok(kept.finish("a link"))
     }
 
     /// Dumps all addresses.
     pub fn addrs(&mut self) -> Result<Vec<Addr>, KernelError> {
-        let replies = self
-            .route
-            .dump(&addr_dump())
-            .map_err(|e| kerr("dump addresses", &e))?;
-        let mut out = Vec::with_capacity(replies.len());
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWADDR) {
-            match parse_addr(&r.payload) {
-                Ok(Some(a)) => out.push(a),
-                Ok(None) => {}
-                Err(e) => log::warn!("skipping an address the dump could not decode: {e}"),
-            }
-        }
+        let out = dump_decoded(
+            &mut self.route,
+            &addr_dump(),
+            RTM_NEWADDR,
+            self.last.addrs,
+            parse_addr,
+        )
+        .map_err(|e| kerr("dump addresses", &e))?
+        .finish("an address");
+        self.last.addrs = out.len();
         Ok(out)
     }
 
     /// Dumps the routes of `protocol` in every table and family; `links` names the devices.
     pub fn routes(&mut self, protocol: u8, links: &[Link]) -> Result<Vec<Route>, KernelError> {
-        let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
-        let replies = self
-            .route
-            .dump(&route_dump(protocol))
-            .map_err(|e| kerr("dump routes", &e))?;
-        let mut out = Vec::new();
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWROUTE) {
-            match parse_route(&r.payload, &names) {
-                Ok(Some(route)) if route.protocol == protocol => out.push(route),
-                Ok(_) => {}
-                Err(e) => log::warn!("skipping a route the dump could not decode: {e}"),
-            }
-        }
+        let names: HashMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+        let out = dump_decoded(
+            &mut self.route,
+            &route_dump(protocol),
+            RTM_NEWROUTE,
+            self.last.routes,
+            |p| {
+                parse_route(p, &names).map(|r| r.filter(|route: &Route| route.protocol == protocol))
+            },
+        )
+        .map_err(|e| kerr("dump routes", &e))?
+        .finish("a route");
+        self.last.routes = out.len();
         Ok(out)
     }
 
     /// Dumps the rules of `protocol` of every family.
     pub fn rules(&mut self, protocol: u8) -> Result<Vec<Rule>, KernelError> {
-        let replies = self
-            .route
-            .dump(&rule_dump())
-            .map_err(|e| kerr("dump rules", &e))?;
-        let mut out = Vec::new();
-        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWRULE) {
-            match parse_rule(&r.payload) {
-                Ok(Some(rule)) if rule.protocol == protocol => out.push(rule),
-                Ok(_) => {}
-                Err(e) => log::warn!("skipping a rule the dump could not decode: {e}"),
-            }
-        }
+        let out = dump_decoded(
+            &mut self.route,
+            &rule_dump(),
+            RTM_NEWRULE,
+            self.last.rules,
+            |p| parse_rule(p).map(|r| r.filter(|rule: &Rule| rule.protocol == protocol)),
+        )
+        .map_err(|e| kerr("dump rules", &e))?
+        .finish("a rule");
+        self.last.rules = out.len();
         Ok(out)
     }
 
     /// Dumps the FOU ports of both families. A kernel without the "fou" family has none.
     pub fn fou_ports(&mut self) -> Result<Vec<FouPort>, KernelError> {
-        let replies = match self.genl.dump(FOU_GENL_NAME, fou_dump) {
-            Ok(r) => r,
+        let decoded = self.genl.dump_fold(
+            FOU_GENL_NAME,
+            fou_dump,
+            || Decoded::with_capacity(0),
+            |d, m| d.push(parse_fou_port(m.payload)),
+        );
+        match decoded {
+            Ok(d) => Ok(d.finish("a fou port")),
             Err(e) if e.errno() == libc::ENOENT => {
                 log::debug!("no fou family (module not loaded?): no FOU ports");
-                return Ok(Vec::new());
+                Ok(Vec::new())
             }
-            Err(e) => return Err(kerr("dump fou ports", &e)),
-        };
-        let mut out = Vec::new();
-        for r in &replies {
-            match parse_fou_port(&r.payload) {
-                Ok(Some(p)) => out.push(p),
-                Ok(None) => {}
-                Err(e) => log::warn!("skipping a fou port the dump could not decode: {e}"),
-            }
+            Err(e) => Err(kerr("dump fou ports", &e)),
         }
-        Ok(out)
     }
 
     /// Deletes every link of `group` in one request (see [`link_delete_group`]); an empty group
@@ -193,15 +350,15 @@ impl NetlinkKernel {
         &mut self,
         own: &Ownership,
         ops: &[Op],
-        pending: &mut Vec<Pending>,
+        queue: &mut Queue,
         failed: &mut Vec<(usize, KernelError)>,
     ) {
-        if pending.is_empty() {
+        if queue.pending.is_empty() {
             return;
         }
-        let reqs: Vec<Request> = pending.iter().map(|p| p.req.clone()).collect();
-        let results = self.route.batch(&reqs);
-        for (p, res) in pending.drain(..).zip(results) {
+        let results = self.route.batch(&queue.pending);
+        queue.bytes = 0;
+        for (p, res) in queue.pending.drain(..).zip(results) {
             let op = &ops[p.op];
             let outcome = match res {
                 Ok(()) => Ok(()),
@@ -243,7 +400,13 @@ impl NetlinkKernel {
 
     /// EEXIST on create: compare with what holds the name or the address pair.
     fn create_exists(&mut self, own: &Ownership, op: &Op, t: &Tunnel) -> Result<(), KernelError> {
-        let links = self.links()?;
+        let same_pair = |l: &Link| {
+            l.tunnel
+                .as_ref()
+                .is_some_and(|x| x.family == t.family && x.local == t.local && x.remote == t.remote)
+        };
+        // Only the links that can explain the clash are kept (the dump refreshes the map too).
+        let links = self.dump_links(2, |l| l.name == t.name || same_pair(l))?;
         if let Some(l) = links.iter().find(|l| l.name == t.name) {
             if !own.owns_link(l) {
                 return Err(clash(
@@ -266,12 +429,7 @@ impl NetlinkKernel {
                 ),
             ));
         }
-        let same_pair = links.iter().find(|l| {
-            l.tunnel
-                .as_ref()
-                .is_some_and(|x| x.family == t.family && x.local == t.local && x.remote == t.remote)
-        });
-        match same_pair {
+        match links.iter().find(|l| same_pair(l)) {
             Some(l) => Err(clash(
                 op,
                 format!(
@@ -295,16 +453,20 @@ impl NetlinkKernel {
         own: &Ownership,
         ops: &[Op],
         name: &str,
-        pending: &mut Vec<Pending>,
+        queue: &mut Queue,
         failed: &mut Vec<(usize, KernelError)>,
     ) -> Result<Option<u32>, KernelError> {
-        if let Some(i) = self.index.get(name) {
+        let Some(key) = IfName::new(name) else {
+            // Longer than any link name: no link has it.
+            return Ok(None);
+        };
+        if let Some(i) = self.index.get(&key) {
             return Ok(Some(*i));
         }
         if !self.index_stale {
             return Ok(None);
         }
-        self.flush(own, ops, pending, failed);
+        self.flush(own, ops, queue, failed);
         // One event adds a peer or two: asking for the few new links by name keeps that
         // O(changes); a large batch is cheaper with one dump (SPEC P-1, P-3).
         const BY_NAME_UP_TO: usize = 16;
@@ -313,10 +475,12 @@ impl NetlinkKernel {
                 Ok(replies) => {
                     for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
                         if let Ok(l) = parse_link(&r.payload) {
-                            self.index.insert(l.name, l.index);
+                            if let Some(n) = IfName::new(&l.name) {
+                                self.index.insert(n, l.index);
+                            }
                         }
                     }
-                    if let Some(i) = self.index.get(name) {
+                    if let Some(i) = self.index.get(&key) {
                         return Ok(Some(*i));
                     }
                 }
@@ -325,8 +489,9 @@ impl NetlinkKernel {
                 Err(e) => log::debug!("get link {name}: {e}; dumping links instead"),
             }
         }
-        self.links()?;
-        Ok(self.index.get(name).copied())
+        // Only the map is wanted: no list of links is kept.
+        self.dump_links(0, |_| false)?;
+        Ok(self.index.get(&key).copied())
     }
 
     fn fou_op(&mut self, op: &Op, p: &FouPort, add: bool) -> Result<(), KernelError> {
@@ -368,7 +533,9 @@ impl Kernel for NetlinkKernel {
                     for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
                         match parse_link(&r.payload) {
                             Ok(l) => {
-                                self.index.insert(l.name.clone(), l.index);
+                                if let Some(n) = IfName::new(&l.name) {
+                                    self.index.insert(n, l.index);
+                                }
                                 out.push(l);
                             }
                             Err(e) => log::warn!("link {name}: cannot decode the reply: {e}"),
@@ -376,7 +543,9 @@ impl Kernel for NetlinkKernel {
                     }
                 }
                 Err(e) if e.errno() == libc::ENODEV => {
-                    self.index.remove(*name);
+                    if let Some(n) = IfName::new(name) {
+                        self.index.remove(&n);
+                    }
                 }
                 Err(e) => return Err(kerr(format!("get link {name}"), &e)),
             }
@@ -401,12 +570,12 @@ impl Kernel for NetlinkKernel {
 
     fn apply(&mut self, own: &Ownership, ops: &[Op]) -> Vec<(usize, KernelError)> {
         let mut failed = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
+        let mut queue = Queue::default();
         for (i, op) in ops.iter().enumerate() {
             let req = match op {
                 Op::AddFouPort(p) | Op::DelFouPort(p) => {
                     // Another socket: keep the order by sending what is queued first.
-                    self.flush(own, ops, &mut pending, &mut failed);
+                    self.flush(own, ops, &mut queue, &mut failed);
                     match self.fou_op(op, p, matches!(op, Op::AddFouPort(_))) {
                         Ok(()) => log::info!("{op}"),
                         Err(e) => failed.push((i, e)),
@@ -421,13 +590,15 @@ impl Kernel for NetlinkKernel {
                 Op::ChangeTunnel { index, want } => link_change(*index, want),
                 Op::SetUp { index, .. } => link_set_up(*index),
                 Op::DeleteTunnel { index, name } => {
-                    self.index.remove(name);
+                    if let Some(n) = IfName::new(name) {
+                        self.index.remove(&n);
+                    }
                     link_delete(*index)
                 }
                 Op::ReplaceRoute(r) | Op::DeleteRoute(r) => {
                     let oif = match &r.nexthop {
                         NextHop::Dev(name) => {
-                            match self.resolve(own, ops, name, &mut pending, &mut failed) {
+                            match self.resolve(own, ops, name, &mut queue, &mut failed) {
                                 Ok(oif) => oif,
                                 Err(e) => {
                                     failed.push((
@@ -464,10 +635,61 @@ impl Kernel for NetlinkKernel {
                 Op::AddRule(r) => rule_add(r),
                 Op::DeleteRule(r) => rule_delete(r),
             };
-            pending.push(Pending { op: i, req });
+            // Queued after the op's own bookkeeping above (a create marks the map stale), so a
+            // flush here, whose error handling may dump the links, sees this request sent.
+            queue.push(i, req);
+            if queue.full() {
+                self.flush(own, ops, &mut queue, &mut failed);
+            }
         }
-        self.flush(own, ops, &mut pending, &mut failed);
+        self.flush(own, ops, &mut queue, &mut failed);
         failed.sort_by_key(|(i, _)| *i);
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(len: usize) -> Request {
+        Request {
+            msg_type: RTM_NEWLINK,
+            flags: 0,
+            payload: vec![0; len],
+        }
+    }
+
+    #[test]
+    fn ifname_inline() {
+        let n = IfName::new("kt0a000002").unwrap();
+        assert_eq!(n.as_str(), "kt0a000002");
+        assert_eq!(format!("{n:?}"), "\"kt0a000002\"");
+        assert_eq!(IfName::new("123456789012345").unwrap().as_str().len(), 15);
+        assert_eq!(IfName::new("1234567890123456"), None);
+        assert_eq!(IfName::new("").unwrap().as_str(), "");
+        assert_ne!(IfName::new("a"), IfName::new("a\0"));
+    }
+
+    /// A queue is full at one batch's worth of messages or bytes, whichever comes first, and
+    /// `batch` takes it as it is (no copy of the requests).
+    #[test]
+    fn queue_full_at_one_batch() {
+        let mut q = Queue::default();
+        for i in 0..BATCH_MESSAGES {
+            assert!(!q.full(), "{i}");
+            q.push(i, req(100));
+        }
+        assert!(q.full());
+        assert_eq!(q.bytes, BATCH_MESSAGES * 116);
+        assert_eq!(
+            super::super::socket::chunks(&q.pending, BATCH_BYTES, BATCH_MESSAGES).len(),
+            1
+        );
+        let mut q = Queue::default();
+        q.push(0, req(BATCH_BYTES / 2));
+        assert!(!q.full());
+        q.push(1, req(BATCH_BYTES / 2));
+        assert!(q.full());
     }
 }

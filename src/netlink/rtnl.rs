@@ -291,8 +291,13 @@ pub fn link_delete_group(group: u32) -> Request {
     Request::new(RTM_DELLINK, 0, &m)
 }
 
-/// Dumps all links. Statistics are not requested (`RTEXT_FILTER_SKIP_STATS`), which keeps a
-/// dump of thousands of tunnels small.
+/// Dumps all links, asking the kernel to leave statistics out (`IFLA_EXT_MASK` =
+/// `RTEXT_FILTER_SKIP_STATS`). What that saves depends on the kernel: from 4.4 (d5566fd72ec1)
+/// the IPv6 statistics in `IFLA_AF_SPEC` (later also the VF statistics), from 6.19
+/// (105bae321862) `IFLA_STATS` and `IFLA_STATS64` too. On Debian's 6.1 a dump of 5,000 ipip
+/// tunnels comes to 1,171 bytes per link instead of 1,531 (5.9 MB instead of 7.7 MB). Kernels
+/// that do not know the bit ignore it: `rtnl_dump_ifinfo` tests only the bits it knows, and
+/// strict checking (`NETLINK_GET_STRICT_CHK`) validates the attribute, not the mask.
 pub fn link_dump() -> Request {
     let mut m = LinkMessage::default();
     m.attributes
@@ -558,12 +563,13 @@ pub fn route_dump(protocol: u8) -> Request {
     Request::new(RTM_GETROUTE, 0, &m)
 }
 
-/// Parses an `RTM_NEWROUTE` body. `names` maps ifindex to link name; an unknown ifindex becomes
-/// `if<N>`. `None` for routes the model cannot express (multipath, no destination family,
-/// neither gateway nor device, e.g. blackhole); callers skip them.
-pub fn parse_route(
+/// Parses an `RTM_NEWROUTE` body. `names` maps ifindex to link name (owned or borrowed from the
+/// links); an unknown ifindex becomes `if<N>`. `None` for routes the model cannot express
+/// (multipath, no destination family, neither gateway nor device, e.g. blackhole); callers skip
+/// them.
+pub fn parse_route<S: AsRef<str>>(
     payload: &[u8],
-    names: &HashMap<u32, String>,
+    names: &HashMap<u32, S>,
 ) -> Result<Option<Route>, DecodeError> {
     let h = RouteHeader::parse(payload)?;
     let Some(family) = family_of_af(h.address_family) else {
@@ -604,7 +610,11 @@ pub fn parse_route(
     .map_err(|_| DecodeError::from("bad route prefix length"))?;
     let nexthop = match (gw, oif) {
         (Some(g), _) => NextHop::Via(g),
-        (None, Some(i)) => NextHop::Dev(names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"))),
+        (None, Some(i)) => NextHop::Dev(
+            names
+                .get(&i)
+                .map_or_else(|| format!("if{i}"), |n| n.as_ref().to_string()),
+        ),
         (None, None) => return Ok(None),
     };
     Ok(Some(Route {
@@ -855,10 +865,16 @@ mod tests {
     fn route_unknown_oif_and_no_nexthop() {
         let r = route("10.244.1.0/24", NextHop::Dev("x".into()));
         let req = route_replace(&r, Some(42));
-        let got = parse_route(&req.payload, &HashMap::new()).unwrap().unwrap();
+        let got = parse_route(&req.payload, &HashMap::<u32, String>::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(got.nexthop, NextHop::Dev("if42".into()));
         assert_eq!(
-            parse_route(&route_replace(&r, None).payload, &HashMap::new()).unwrap(),
+            parse_route(
+                &route_replace(&r, None).payload,
+                &HashMap::<u32, String>::new()
+            )
+            .unwrap(),
             None
         );
     }

@@ -505,8 +505,9 @@ fn set_up_and_delete() {
     assert_eq!((up.index, up.up, up.tunnel), (5, true, None));
 }
 
-/// Our link dump request: an empty `ifinfomsg` and `IFLA_EXT_MASK` = `RTEXT_FILTER_SKIP_STATS`.
-/// iproute2's `ip link show` sends `RTEXT_FILTER_VF` (1) instead; we want no statistics.
+/// Our link dump request: an empty `ifinfomsg` and `IFLA_EXT_MASK` = `RTEXT_FILTER_SKIP_STATS`
+/// (1 << 3). iproute2's `ip link show` sends `RTEXT_FILTER_VF` (1) instead; we want no statistics
+/// (see `link_dump` for what each kernel then leaves out).
 #[rustfmt::skip]
 const DUMP: &[u8] = &[
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // ifinfomsg: all zero

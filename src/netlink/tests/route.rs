@@ -365,7 +365,7 @@ fn parse_kernel_dump_entries() {
         assert_eq!(parse_route(raw, &n).unwrap(), Some(want));
     }
     // A device the link list does not know is named by its index.
-    let got = parse_route(KERNEL_TABLE77, &HashMap::new())
+    let got = parse_route(KERNEL_TABLE77, &HashMap::<u32, String>::new())
         .unwrap()
         .unwrap();
     assert_eq!(got.nexthop, NextHop::Dev("if3".into()));
