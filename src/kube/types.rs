@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -78,15 +78,115 @@ fn key_of(namespace: &str, name: &str) -> String {
 /// A core/v1 Node, reduced to what tunnels need (SPEC N-1…N-5).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Node {
-    /// Name, resourceVersion, labels, annotations (`kube-router.io/pod-cidrs` and friends).
+    /// Name, resourceVersion and the `kube-router.io/` annotations.
     #[serde(default, deserialize_with = "nullable")]
-    pub metadata: ObjectMeta,
+    pub metadata: NodeMeta,
     /// `spec`.
     #[serde(default, deserialize_with = "nullable")]
     pub spec: NodeSpec,
     /// `status`.
     #[serde(default, deserialize_with = "nullable")]
     pub status: NodeStatus,
+}
+
+/// Annotations of a Node that are kept: kube-router's (`kube-router.io/pod-cidrs`,
+/// `kube-router.io/pod-cidr`, see [`crate::nodes`]). Every other annotation is dropped while
+/// decoding.
+pub const NODE_ANNOTATION_PREFIX: &str = "kube-router.io/";
+
+/// The part of a Node's `metadata` the overlay uses. Unlike [`ObjectMeta`] it has no labels and
+/// keeps only the annotations under [`NODE_ANNOTATION_PREFIX`]: a kubelet-managed Node carries a
+/// dozen labels and several annotations (CRI socket, CSI node ids, TTL), and the watch cache
+/// holds every Node of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMeta {
+    /// `metadata.name`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    /// `metadata.resourceVersion`: opaque, compare only for equality.
+    #[serde(default, deserialize_with = "nullable")]
+    pub resource_version: String,
+    /// `metadata.annotations` whose key starts with [`NODE_ANNOTATION_PREFIX`]. The others are
+    /// still checked to be strings (an object that is not a Node is skipped as before), but not
+    /// kept.
+    #[serde(default, deserialize_with = "kube_router_annotations")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Decodes `metadata.annotations` (a string map, or `null`) keeping only the entries under
+/// [`NODE_ANNOTATION_PREFIX`]; the others are checked without being copied.
+fn kube_router_annotations<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    /// A map key: `Some` (owned) only when it is one we keep.
+    struct Key(Option<String>);
+    impl<'de> Deserialize<'de> for Key {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Key;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                    Ok(Key(v
+                        .starts_with(NODE_ANNOTATION_PREFIX)
+                        .then(|| v.to_string())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    /// A string value that is not kept.
+    struct AnyStr;
+    impl<'de> Deserialize<'de> for AnyStr {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = AnyStr;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_str<E: de::Error>(self, _: &str) -> Result<AnyStr, E> {
+                    Ok(AnyStr)
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of strings")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(Key(key)) = map.next_key()? {
+                match key {
+                    Some(k) => {
+                        let v: String = map.next_value()?;
+                        out.insert(k, v);
+                    }
+                    None => {
+                        map.next_value::<AnyStr>()?;
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_option(V)
 }
 
 /// `Node.spec`: the pod CIDRs, unparsed (bad entries are skipped later, with a warning naming
@@ -125,7 +225,8 @@ impl Resource for Node {
     const PATH: &'static str = "/api/v1/nodes";
     const KIND: &'static str = "Node";
     fn key(&self) -> String {
-        self.metadata.key()
+        // Nodes are cluster-scoped: the key is the name.
+        self.metadata.name.clone()
     }
     fn resource_version(&self) -> &str {
         &self.metadata.resource_version
@@ -645,7 +746,6 @@ mod tests {
         let n = &page.items[0];
         assert_eq!(n.key(), "node1");
         assert_eq!(n.resource_version(), "201");
-        assert_eq!(n.metadata.labels["kubernetes.io/hostname"], "node1");
         assert_eq!(n.metadata.annotations["kube-router.io/node.asn"], "64511");
         assert_eq!(n.spec.pod_cidr, "10.244.1.0/24");
         assert_eq!(n.spec.pod_cidrs, ["10.244.1.0/24", "fd00:10:244:1::/64"]);
@@ -673,13 +773,14 @@ mod tests {
             .map(|l| decode_event(l.as_bytes()).unwrap())
             .collect();
         assert_eq!(evs.len(), 6);
+        // The first one changed only a label, which a Node does not keep.
         assert!(
             matches!(&evs[0], WatchEvent::Modified(n) if n.key() == "node1"
-            && n.metadata.labels["test"] == "a")
+            && n.resource_version() == "205" && n.metadata.annotations.len() == 1)
         );
         assert!(matches!(&evs[1], WatchEvent::Modified(n) if n.status.addresses.len() == 2));
         assert!(matches!(&evs[2], WatchEvent::Added(n) if n.key() == "node3"
-            && n.spec.pod_cidrs == ["10.244.3.0/24"] && n.metadata.labels.is_empty()));
+            && n.spec.pod_cidrs == ["10.244.3.0/24"] && n.metadata.annotations.is_empty()));
         assert!(matches!(&evs[3], WatchEvent::Deleted(n) if n.resource_version() == "210"));
         assert_eq!(evs[4], WatchEvent::Bookmark("210".into()));
         assert_eq!(evs[5], WatchEvent::Bookmark("210".into()));
@@ -759,6 +860,62 @@ mod tests {
         );
         // The recorded bookmark carries "endpoints":null — it must still decode.
         assert_eq!(evs[2], WatchEvent::Bookmark("235".into()));
+    }
+
+    #[test]
+    fn node_keeps_only_kube_router_annotations_and_no_labels() {
+        let n: Node = serde_json::from_str(
+            r#"{"metadata":{"name":"n1","resourceVersion":"7","uid":"u",
+                "labels":{"kubernetes.io/hostname":"n1","topology.kubernetes.io/zone":"a"},
+                "annotations":{"kube-router.io/pod-cidrs":"10.1.0.0/24,fd00::/64",
+                    "node.alpha.kubernetes.io/ttl":"0","kube-router.io/pod-cidr":"10.1.0.0/24",
+                    "kube-router.io\/x":"escaped","csi.volume.kubernetes.io/nodeid":"{\"a\":\"b\"}"}},
+                "spec":{"podCIDR":"10.1.0.0/24","podCIDRs":["10.1.0.0/24"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(n.key(), "n1");
+        assert_eq!(n.resource_version(), "7");
+        let keys: Vec<&str> = n.metadata.annotations.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "kube-router.io/pod-cidr",
+                "kube-router.io/pod-cidrs",
+                "kube-router.io/x"
+            ]
+        );
+        assert_eq!(
+            n.metadata.annotations["kube-router.io/pod-cidrs"],
+            "10.1.0.0/24,fd00::/64"
+        );
+        // The same through a `Value` (how list items and watch events are decoded).
+        let v: Value = serde_json::from_str(
+            r#"{"metadata":{"name":"n2","annotations":{"a":"1","kube-router.io/pod-cidr":"x"}}}"#,
+        )
+        .unwrap();
+        let n = decode_object::<Node>(&v).unwrap();
+        assert_eq!(n.metadata.annotations.len(), 1);
+        // null and absent annotations are empty; a non-string value is still a bad object,
+        // kept or not.
+        for meta in [r#"{"name":"n","annotations":null}"#, r#"{"name":"n"}"#] {
+            let n: Node = serde_json::from_str(&format!(r#"{{"metadata":{meta}}}"#)).unwrap();
+            assert!(n.metadata.annotations.is_empty());
+        }
+        for ann in [
+            r#"{"a":1}"#,
+            r#"{"kube-router.io/pod-cidr":null}"#,
+            r#"["x"]"#,
+        ] {
+            let v: Value = serde_json::from_str(&format!(
+                r#"{{"metadata":{{"name":"n","annotations":{ann}}}}}"#
+            ))
+            .unwrap();
+            assert_eq!(decode_object::<Node>(&v).unwrap_err().key, "n", "{ann}");
+        }
+        // Every annotation the overlay reads is one that is kept.
+        for ann in [crate::nodes::ANN_POD_CIDRS, crate::nodes::ANN_POD_CIDR] {
+            assert!(ann.starts_with(NODE_ANNOTATION_PREFIX), "{ann}");
+        }
     }
 
     #[test]
