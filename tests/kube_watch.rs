@@ -415,6 +415,33 @@ fn gone_410_on_list() {
 }
 
 #[test]
+fn list_cut_mid_body_is_a_transport_fault_and_relists() {
+    // The list body is decoded as it arrives: a cut in the middle of it must still be a
+    // transport fault (retried), not a decode error, and nothing half-read is applied.
+    let server = nodes_server(&["a", "b"]);
+    let body = LIST_NODES.as_bytes();
+    let mut raw = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body[..body.len() / 2]);
+    server.script(Kind::List, Fault::Raw(raw));
+    let mut w = Watch::<Node>::start(client(&server.url(), None), fast());
+    w.synced();
+    assert_eq!(w.mirror.replaces, 1);
+    assert_eq!(w.mirror.keys(), ["a", "b"]);
+    let warns = w.warnings();
+    assert_eq!(warns.len(), 1, "{warns:?}");
+    assert!(
+        warns[0]
+            .starts_with("list nodes: connection reset or closed by the server in mid-response"),
+        "{warns:?}"
+    );
+    w.finish();
+}
+
+#[test]
 fn stalled_stream_hits_read_timeout() {
     let server = nodes_server(&["a"]);
     server.script(Kind::Watch, Fault::Stall);

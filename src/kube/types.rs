@@ -640,10 +640,25 @@ struct ListEnvelope<T> {
 /// Decodes a list response body (`NodeList`, `ServiceList`, `EndpointSliceList`). Fails only
 /// when the body is not a JSON list at all; bad items become [`ListPage::skipped`].
 pub fn decode_list<T: Resource>(body: &[u8]) -> Result<ListPage<T>, String> {
-    let env: ListEnvelope<T> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let page = decode_list_from(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(page)
+}
+
+/// [`decode_list`] from a deserializer over any source: the shell passes one that reads the
+/// response body as it decodes (`serde_json::Deserializer::from_reader`), so a page is never
+/// held whole, only one object at a time (as a `Value`, then typed). The caller checks the end
+/// of input (`Deserializer::end`). An I/O error of the source comes back as a `serde_json`
+/// error with [`serde_json::Error::is_io`]; converting it into an `io::Error` gives the
+/// original back.
+pub fn decode_list_from<'de, T: Resource, R: serde_json::de::Read<'de>>(
+    deserializer: &mut serde_json::Deserializer<R>,
+) -> Result<ListPage<T>, serde_json::Error> {
+    let env = ListEnvelope::<T>::deserialize(deserializer)?;
     let meta = env
         .metadata
-        .ok_or_else(|| "no metadata in list".to_string())?;
+        .ok_or_else(|| <serde_json::Error as de::Error>::custom("no metadata in list"))?;
     let mut items = Vec::new();
     let mut skipped = Vec::new();
     for r in env.items.map(|s| s.0).unwrap_or_default() {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use log::Level;
 
 use super::error::KubeError;
-use super::types::{decode_event, decode_list, WatchEvent};
+use super::types::{decode_event, decode_list, ListPage, WatchEvent};
 use super::{resource_name, Resource, Update};
 
 /// Tunables of the state machine (the pure part of [`super::WatchOptions`]).
@@ -313,16 +313,24 @@ impl<T: Resource> WatchMachine<T> {
         if self.phase != Phase::Listing {
             return;
         }
-        let page = match decode_list::<T>(body) {
-            Ok(p) => p,
+        match decode_list::<T>(body) {
+            Ok(page) => self.list_decoded(page, now),
             Err(e) => {
                 let err = KubeError::Decode {
                     what: format!("{} response", self.what_list()),
                     reason: e,
                 };
-                return self.list_failed(&err, now);
+                self.list_failed(&err, now);
             }
-        };
+        }
+    }
+
+    /// A 2xx list page arrived and was decoded (by the shell, as the body arrived: see
+    /// [`super::client::read_list`]). A body that is not a list is a [`Self::list_failed`].
+    pub fn list_decoded(&mut self, page: ListPage<T>, now: Instant) {
+        if self.phase != Phase::Listing {
+            return;
+        }
         for s in page.skipped {
             self.counters.skipped += 1;
             self.log(
