@@ -183,8 +183,11 @@ pub struct WatchMachine<T: Resource> {
     cache: BTreeMap<String, T>,
     /// Version to watch from (from the last list, event or bookmark).
     rv: String,
-    /// Pages of a list in progress.
-    pending: BTreeMap<String, T>,
+    /// Pages of a list in progress, by key, in arrival order. A `Vec`, not a map: the map is
+    /// built once the list is complete, in one pass from the sorted keys, which packs its nodes
+    /// (inserting keys in ascending order one by one leaves every B-tree node about half full,
+    /// and the cache holds every object of the cluster).
+    pending: Vec<(String, T)>,
     pending_skipped: Vec<String>,
     continue_token: String,
     line: Vec<u8>,
@@ -211,7 +214,7 @@ impl<T: Resource> WatchMachine<T> {
             phase: Phase::NeedList,
             cache: BTreeMap::new(),
             rv: String::new(),
-            pending: BTreeMap::new(),
+            pending: Vec::new(),
             pending_skipped: Vec::new(),
             continue_token: String::new(),
             line: Vec::new(),
@@ -346,16 +349,18 @@ impl<T: Resource> WatchMachine<T> {
                 self.pending_skipped.push(s.key);
             }
         }
-        for obj in page.items {
-            self.pending.insert(obj.key(), obj);
-        }
+        self.pending
+            .extend(page.items.into_iter().map(|obj| (obj.key(), obj)));
         if !page.continue_token.is_empty() {
             self.continue_token = page.continue_token;
             self.phase = Phase::NeedList;
             return;
         }
         // The list is complete: it is the server's truth.
-        let mut fresh = std::mem::take(&mut self.pending);
+        // A key the server sent twice keeps its last version, as repeated inserts would (the
+        // bulk build keeps the last of equal keys; `duplicate_key_across_pages_keeps_the_last`).
+        let mut fresh: BTreeMap<String, T> =
+            std::mem::take(&mut self.pending).into_iter().collect();
         for key in std::mem::take(&mut self.pending_skipped) {
             // An object we knew that now fails to decode keeps its last good version: a
             // decode problem is not evidence that it is gone (SPEC K-4).
@@ -392,6 +397,10 @@ impl<T: Resource> WatchMachine<T> {
                 }
             ),
         );
+        // The Replace is a second full copy next to the cache, and it has to be: the cache
+        // keeps whole objects because a known object that fails to decode in the next relist
+        // goes into that Replace as its last good version, and an undecodable DELETED event
+        // is answered with the cached object (SPEC K-4, R-1).
         let all = self.cache.values().cloned().collect();
         self.out.push(Output::Update(Update::Replace(all)));
         self.phase = Phase::NeedWatch;
@@ -403,7 +412,7 @@ impl<T: Resource> WatchMachine<T> {
             return;
         }
         let paginating = !self.continue_token.is_empty();
-        self.pending.clear();
+        self.pending = Vec::new();
         self.pending_skipped.clear();
         self.continue_token.clear();
         if err.status_code() == Some(410) && paginating && self.failures == 0 {
@@ -657,7 +666,7 @@ impl<T: Resource> WatchMachine<T> {
     fn start_relist(&mut self) {
         self.rv.clear();
         self.continue_token.clear();
-        self.pending.clear();
+        self.pending = Vec::new();
         self.pending_skipped.clear();
         self.phase = Phase::NeedList;
     }
@@ -1009,6 +1018,23 @@ mod tests {
         );
         m.list_page(node_list("50", &["c"]).as_bytes(), t0);
         assert_eq!(updates(&m.take_output()), ["replace[a,b,c]"]);
+    }
+
+    #[test]
+    fn duplicate_key_across_pages_keeps_the_last() {
+        let t0 = Instant::now();
+        let mut m = WatchMachine::<Node>::new(cfg(), 1);
+        m.next(t0);
+        let page1 = node_list("50", &["a", "b"]).replace(
+            r#""resourceVersion":"50"},"items""#,
+            r#""resourceVersion":"50","continue":"t"},"items""#,
+        );
+        m.list_page(page1.as_bytes(), t0);
+        m.next(t0);
+        m.list_page(node_list("51", &["a"]).as_bytes(), t0);
+        assert_eq!(updates(&m.take_output()), ["replace[a,b]"]);
+        assert_eq!(m.cache()["a"].resource_version(), "51");
+        assert_eq!(m.cache()["b"].resource_version(), "50");
     }
 
     #[test]
