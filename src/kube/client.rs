@@ -21,7 +21,7 @@
 //! blocked read at once without disturbing the others.
 
 use std::fmt;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -36,7 +36,7 @@ use ureq::{Agent, Body};
 
 use super::error::{KubeError, Secret};
 use super::settings::{ConnectionSettings, Material, TokenSource};
-use super::types::{decode_list_from, ListPage, Status};
+use super::types::{decode_list_from, ListPage, Status, LIST_BUFFER};
 use super::Resource;
 
 /// Tunables of the HTTP layer.
@@ -653,14 +653,12 @@ pub fn read_list<T: Resource>(
     resp: HttpResponse,
     limit: u64,
 ) -> Result<ListPage<T>, KubeError> {
-    let body = Capped {
+    let mut body = Capped {
         inner: resp.into_body().into_reader(),
         seen: 0,
         limit,
     };
-    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(16 << 10, body));
-    let result = decode_list_from(&mut de).and_then(|page| de.end().map(|()| page));
-    result.map_err(|e| {
+    decode_list_from(&mut body, LIST_BUFFER).map_err(|e| {
         if !e.is_io() {
             return KubeError::Decode {
                 what: format!("{op} response"),

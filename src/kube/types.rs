@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -78,9 +78,10 @@ fn key_of(namespace: &str, name: &str) -> String {
 /// A core/v1 Node, reduced to what tunnels need (SPEC N-1…N-5).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Node {
-    /// Name, resourceVersion and the `kube-router.io/` annotations.
-    #[serde(default, deserialize_with = "nullable")]
-    pub metadata: NodeMeta,
+    /// Name, resourceVersion and the `kube-router.io/` annotations; labels and other
+    /// annotations are dropped while decoding (see [`NODE_ANNOTATION_PREFIX`]).
+    #[serde(default, deserialize_with = "node_metadata")]
+    pub metadata: ObjectMeta,
     /// `spec`.
     #[serde(default, deserialize_with = "nullable")]
     pub spec: NodeSpec,
@@ -90,103 +91,27 @@ pub struct Node {
 }
 
 /// Annotations of a Node that are kept: kube-router's (`kube-router.io/pod-cidrs`,
-/// `kube-router.io/pod-cidr`, see [`crate::nodes`]). Every other annotation is dropped while
-/// decoding.
+/// `kube-router.io/pod-cidr`, see [`crate::nodes`]). Every other annotation, and every label,
+/// is dropped while decoding.
 pub const NODE_ANNOTATION_PREFIX: &str = "kube-router.io/";
 
-/// The part of a Node's `metadata` the overlay uses. Unlike [`ObjectMeta`] it has no labels and
-/// keeps only the annotations under [`NODE_ANNOTATION_PREFIX`]: a kubelet-managed Node carries a
-/// dozen labels and several annotations (CRI socket, CSI node ids, TTL), and the watch cache
-/// holds every Node of the cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeMeta {
-    /// `metadata.name`.
-    #[serde(default, deserialize_with = "nullable")]
-    pub name: String,
-    /// `metadata.resourceVersion`: opaque, compare only for equality.
-    #[serde(default, deserialize_with = "nullable")]
-    pub resource_version: String,
-    /// `metadata.annotations` whose key starts with [`NODE_ANNOTATION_PREFIX`]. The others are
-    /// still checked to be strings (an object that is not a Node is skipped as before), but not
-    /// kept.
-    #[serde(default, deserialize_with = "kube_router_annotations")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-/// Decodes `metadata.annotations` (a string map, or `null`) keeping only the entries under
-/// [`NODE_ANNOTATION_PREFIX`]; the others are checked without being copied.
-fn kube_router_annotations<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
-    /// A map key: `Some` (owned) only when it is one we keep.
-    struct Key(Option<String>);
-    impl<'de> Deserialize<'de> for Key {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl Visitor<'_> for V {
-                type Value = Key;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a string")
-                }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                    Ok(Key(v
-                        .starts_with(NODE_ANNOTATION_PREFIX)
-                        .then(|| v.to_string())))
-                }
-            }
-            d.deserialize_str(V)
-        }
+/// Decodes a Node's `metadata` and reduces it at once to what the overlay uses: the name, the
+/// resourceVersion and the annotations under [`NODE_ANNOTATION_PREFIX`]. A kubelet-managed
+/// Node carries a dozen labels and several annotations (CRI socket, CSI node ids, TTL), and
+/// the watch cache holds every Node of the cluster. The rest is decoded and dropped object by
+/// object, never kept; decoding it as a whole [`ObjectMeta`] first keeps one decoder in the
+/// binary for all three kinds (a Node-only metadata type cost 12-19 KB of code, SPEC P-4), and
+/// a Node whose labels or annotations are not string maps is still skipped as before.
+fn node_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let mut m: ObjectMeta = nullable(d)?;
+    m.labels = BTreeMap::new();
+    m.annotations
+        .retain(|k, _| k.starts_with(NODE_ANNOTATION_PREFIX));
+    if m.annotations.is_empty() {
+        // Free the node an emptied map may still hold.
+        m.annotations = BTreeMap::new();
     }
-    /// A string value that is not kept.
-    struct AnyStr;
-    impl<'de> Deserialize<'de> for AnyStr {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl Visitor<'_> for V {
-                type Value = AnyStr;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a string")
-                }
-                fn visit_str<E: de::Error>(self, _: &str) -> Result<AnyStr, E> {
-                    Ok(AnyStr)
-                }
-            }
-            d.deserialize_str(V)
-        }
-    }
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = BTreeMap<String, String>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map of strings")
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(BTreeMap::new())
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(BTreeMap::new())
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_map(self)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(Key(key)) = map.next_key()? {
-                match key {
-                    Some(k) => {
-                        let v: String = map.next_value()?;
-                        out.insert(k, v);
-                    }
-                    None => {
-                        map.next_value::<AnyStr>()?;
-                    }
-                }
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_option(V)
+    Ok(m)
 }
 
 /// `Node.spec`: the pod CIDRs, unparsed (bad entries are skipped later, with a warning naming
@@ -225,8 +150,7 @@ impl Resource for Node {
     const PATH: &'static str = "/api/v1/nodes";
     const KIND: &'static str = "Node";
     fn key(&self) -> String {
-        // Nodes are cluster-scoped: the key is the name.
-        self.metadata.name.clone()
+        self.metadata.key()
     }
     fn resource_version(&self) -> &str {
         &self.metadata.resource_version
@@ -527,7 +451,7 @@ pub struct StatusDetails {
 impl Status {
     /// Decodes an error response body; `None` when it is not a JSON `Status`.
     pub fn from_body(body: &[u8]) -> Option<Status> {
-        serde_json::from_slice::<Status>(body).ok()
+        from_source::<Status>(&mut &body[..], body.len()).ok()
     }
 }
 
@@ -637,25 +561,40 @@ struct ListEnvelope<T> {
     items: Option<LenientSeq<T>>,
 }
 
+/// Decodes one JSON text from `source` (all of it: only whitespace may follow). Every JSON
+/// text kr-tunneld reads comes through here with the same source type, `dyn Read` behind a
+/// buffer, so serde_json's parser is compiled into the binary once (SPEC P-4's size limit),
+/// not once per kind of source.
+fn from_source<T: DeserializeOwned>(
+    source: &mut dyn std::io::Read,
+    buffer: usize,
+) -> Result<T, serde_json::Error> {
+    let mut de =
+        serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(buffer, source));
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Read buffer of a list decoded from the network.
+pub const LIST_BUFFER: usize = 16 << 10;
+
 /// Decodes a list response body (`NodeList`, `ServiceList`, `EndpointSliceList`). Fails only
 /// when the body is not a JSON list at all; bad items become [`ListPage::skipped`].
 pub fn decode_list<T: Resource>(body: &[u8]) -> Result<ListPage<T>, String> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let page = decode_list_from(&mut de).map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())?;
-    Ok(page)
+    decode_list_from(&mut &body[..], body.len().min(LIST_BUFFER)).map_err(|e| e.to_string())
 }
 
-/// [`decode_list`] from a deserializer over any source: the shell passes one that reads the
-/// response body as it decodes (`serde_json::Deserializer::from_reader`), so a page is never
-/// held whole, only one object at a time (as a `Value`, then typed). The caller checks the end
-/// of input (`Deserializer::end`). An I/O error of the source comes back as a `serde_json`
-/// error with [`serde_json::Error::is_io`]; converting it into an `io::Error` gives the
-/// original back.
-pub fn decode_list_from<'de, T: Resource, R: serde_json::de::Read<'de>>(
-    deserializer: &mut serde_json::Deserializer<R>,
+/// [`decode_list`] from a reader, decoding as the bytes arrive: the shell passes the response
+/// body, so a page is never held whole, only a read buffer and one object at a time (as a
+/// `Value`, then typed). One source type (`dyn Read`) for every caller, so serde_json's parser
+/// is compiled once for lists. An I/O error of the source comes back as a `serde_json` error
+/// with [`serde_json::Error::is_io`]; converting it into an `io::Error` gives the original back.
+pub fn decode_list_from<T: Resource>(
+    source: &mut dyn std::io::Read,
+    buffer: usize,
 ) -> Result<ListPage<T>, serde_json::Error> {
-    let env = ListEnvelope::<T>::deserialize(deserializer)?;
+    let env: ListEnvelope<T> = from_source(source, buffer)?;
     let meta = env
         .metadata
         .ok_or_else(|| <serde_json::Error as de::Error>::custom("no metadata in list"))?;
@@ -710,7 +649,7 @@ struct RawEvent {
 /// Decodes one watch line (`{"type":…,"object":…}`). `Err` means the line is not a watch event
 /// at all (not JSON, or no `type`): the stream cannot be trusted past it.
 pub fn decode_event<T: Resource>(line: &[u8]) -> Result<WatchEvent<T>, String> {
-    let raw: RawEvent = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let raw: RawEvent = from_source(&mut &line[..], line.len()).map_err(|e| e.to_string())?;
     let object = |ev: fn(T) -> WatchEvent<T>| match decode_object::<T>(&raw.object) {
         Ok(obj) => ev(obj),
         Err(skipped) => WatchEvent::Skipped {
@@ -737,6 +676,7 @@ pub fn decode_event<T: Resource>(line: &[u8]) -> Result<WatchEvent<T>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const LIST_NODES: &str = include_str!("../../tests/data/list-nodes.json");
     const LIST_SERVICES: &str = include_str!("../../tests/data/list-services.json");
@@ -890,6 +830,7 @@ mod tests {
         .unwrap();
         assert_eq!(n.key(), "n1");
         assert_eq!(n.resource_version(), "7");
+        assert!(n.metadata.labels.is_empty());
         let keys: Vec<&str> = n.metadata.annotations.keys().map(String::as_str).collect();
         assert_eq!(
             keys,
@@ -910,6 +851,14 @@ mod tests {
         .unwrap();
         let n = decode_object::<Node>(&v).unwrap();
         assert_eq!(n.metadata.annotations.len(), 1);
+        // A Service keeps all of its metadata (DSR reads labels and annotations).
+        let s = decode_object::<Service>(&json!({"metadata":{"name":"s","namespace":"ns",
+            "labels":{"a":"1"},"annotations":{"b":"2"}}}))
+        .unwrap();
+        assert_eq!(
+            (s.metadata.labels.len(), s.metadata.annotations.len()),
+            (1, 1)
+        );
         // null and absent annotations are empty; a non-string value is still a bad object,
         // kept or not.
         for meta in [r#"{"name":"n","annotations":null}"#, r#"{"name":"n"}"#] {
