@@ -36,7 +36,7 @@ use ureq::{Agent, Body};
 
 use super::error::{KubeError, Secret};
 use super::settings::{ConnectionSettings, Material, TokenSource};
-use super::types::{decode_list_from, ListPage, Status, LIST_BUFFER};
+use super::types::{decode_list_from, ListPage, Status, READ_BUFFER};
 use super::Resource;
 
 /// Tunables of the HTTP layer.
@@ -658,7 +658,7 @@ pub fn read_list<T: Resource>(
         seen: 0,
         limit,
     };
-    decode_list_from(&mut body, LIST_BUFFER).map_err(|e| {
+    decode_list_from(&mut body, READ_BUFFER).map_err(|e| {
         if !e.is_io() {
             return KubeError::Decode {
                 what: format!("{op} response"),

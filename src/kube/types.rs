@@ -1,8 +1,10 @@
 //! Typed views of the Kubernetes objects kr-tunneld reads (SPEC K-5), and the lenient decoders
 //! for list pages and watch events.
 //!
-//! Core module: pure decoding. It must never do I/O, read the clock or log. Only the fields we
-//! use are decoded;
+//! Core module: pure decoding. It must never do I/O of its own, read the clock or log; the one
+//! decoder that reads ([`decode_list_from`]) pulls bytes from a reader the caller hands it (the
+//! shell's response body, or a slice). Only the fields we use are decoded (a Node keeps only
+//! what the overlay reads, see [`NODE_ANNOTATION_PREFIX`]);
 //! unknown fields are ignored and every field has a default (and `null` means the default), so
 //! partial objects decode. An object that still does not fit (a string where a list belongs) is
 //! returned as [`Skipped`] with its name, never as an error for the whole list or stream (SPEC
@@ -451,7 +453,7 @@ pub struct StatusDetails {
 impl Status {
     /// Decodes an error response body; `None` when it is not a JSON `Status`.
     pub fn from_body(body: &[u8]) -> Option<Status> {
-        from_source::<Status>(&mut &body[..], body.len()).ok()
+        from_source::<Status>(&mut &body[..], body.len().min(READ_BUFFER)).ok()
     }
 }
 
@@ -576,20 +578,21 @@ fn from_source<T: DeserializeOwned>(
     Ok(value)
 }
 
-/// Read buffer of a list decoded from the network.
-pub const LIST_BUFFER: usize = 16 << 10;
+/// The read buffer of a decode: a list page from the network reads through this much; a text
+/// already in memory is copied through at most this much at a time.
+pub const READ_BUFFER: usize = 16 << 10;
 
 /// Decodes a list response body (`NodeList`, `ServiceList`, `EndpointSliceList`). Fails only
 /// when the body is not a JSON list at all; bad items become [`ListPage::skipped`].
 pub fn decode_list<T: Resource>(body: &[u8]) -> Result<ListPage<T>, String> {
-    decode_list_from(&mut &body[..], body.len().min(LIST_BUFFER)).map_err(|e| e.to_string())
+    decode_list_from(&mut &body[..], body.len().min(READ_BUFFER)).map_err(|e| e.to_string())
 }
 
 /// [`decode_list`] from a reader, decoding as the bytes arrive: the shell passes the response
-/// body, so a page is never held whole, only a read buffer and one object at a time (as a
-/// `Value`, then typed). One source type (`dyn Read`) for every caller, so serde_json's parser
-/// is compiled once for lists. An I/O error of the source comes back as a `serde_json` error
-/// with [`serde_json::Error::is_io`]; converting it into an `io::Error` gives the original back.
+/// body, so a page is never held whole, only a read buffer of `buffer` bytes and one object at
+/// a time (as a `Value`, then typed). An I/O error of the source comes back as a `serde_json`
+/// error with [`serde_json::Error::is_io`]; converting it into an `io::Error` gives the
+/// original back.
 pub fn decode_list_from<T: Resource>(
     source: &mut dyn std::io::Read,
     buffer: usize,
@@ -649,7 +652,8 @@ struct RawEvent {
 /// Decodes one watch line (`{"type":…,"object":…}`). `Err` means the line is not a watch event
 /// at all (not JSON, or no `type`): the stream cannot be trusted past it.
 pub fn decode_event<T: Resource>(line: &[u8]) -> Result<WatchEvent<T>, String> {
-    let raw: RawEvent = from_source(&mut &line[..], line.len()).map_err(|e| e.to_string())?;
+    let raw: RawEvent =
+        from_source(&mut &line[..], line.len().min(READ_BUFFER)).map_err(|e| e.to_string())?;
     let object = |ev: fn(T) -> WatchEvent<T>| match decode_object::<T>(&raw.object) {
         Ok(obj) => ev(obj),
         Err(skipped) => WatchEvent::Skipped {
