@@ -47,12 +47,17 @@ pub enum Event {
 pub fn node_info(n: &Node) -> NodeInfo {
     NodeInfo {
         name: n.metadata.name.clone(),
-        // Only the address types the overlay reads (not Hostname, InternalDNS…).
+        // The address types the overlay reads, and any other that holds an IP (the DSR
+        // host-network check looks at every node IP); not host or DNS names.
         addresses: n
             .status
             .addresses
             .iter()
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter(|a| {
+                a.type_ == "InternalIP"
+                    || a.type_ == "ExternalIP"
+                    || a.address.trim().parse::<IpAddr>().is_ok()
+            })
             .map(|a| (a.type_.clone(), a.address.clone()))
             .collect(),
         // Only the annotations the overlay reads: a real Node carries a dozen more.

@@ -3,6 +3,16 @@
 //! JSON event per line, as kube-apiserver does), so the real daemon can run against it. Tests
 //! mutate nodes and take the server "down" (connections refused with 503, open watches cut) to
 //! simulate an outage. It serves Nodes, Services and EndpointSlices; other paths are empty.
+//!
+//! Lists are paginated as kube-apiserver v1.28 paginates a consistent list read from etcd:
+//! `limit=N` returns at most N objects in key order, and when more follow, `metadata.continue`
+//! (an opaque token) and `metadata.remainingItemCount`. Every page of one list is served from
+//! the snapshot the first page was read at (the token carries its resourceVersion and the last
+//! key, base64url JSON `{"v":"meta.k8s.io/v1","rv":R,"start":"<key>\0"}` like the real one), so a
+//! change made between pages shows up in the next watch, not in the list. After [`FakeApi::compact`]
+//! (what etcd compaction does to a token's revision) an older token answers HTTP 410 with a
+//! `Status` of reason `Expired` and a fresh "inconsistent" token (rv -1) in `metadata.continue`;
+//! a token that does not decode answers 400, as the real server does.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -30,6 +40,13 @@ struct State {
     down: bool,
     /// Bumped when the server goes down, so open watches end.
     epoch: u64,
+    /// Continue tokens of a snapshot older than this are expired (410), as after an etcd
+    /// compaction. The watch history is kept (kube-apiserver watches from its watch cache).
+    compacted: u64,
+    /// Compact right after serving the next list page (tests of an expiry between pages).
+    compact_after_page: bool,
+    /// Path and query of every request, oldest first.
+    requests: Vec<String>,
 }
 
 /// The server handle; dropping it stops accepting.
@@ -127,6 +144,36 @@ impl FakeApi {
         self.delete(NODES, name);
     }
 
+    /// What etcd compaction does to pagination: every continue token issued so far expires, so
+    /// the next page of a list in progress answers 410 Expired. (The compaction itself is a
+    /// write, as kube-apiserver's compaction-key update is: the resourceVersion moves on.)
+    pub fn compact(&self) {
+        let (m, _) = &*self.inner;
+        let mut s = lock(m);
+        s.rv += 1;
+        s.compacted = s.rv;
+    }
+
+    /// [`FakeApi::compact`] right after the next list page is served, so that a client's next
+    /// page request finds its token expired.
+    pub fn compact_after_next_page(&self) {
+        lock(&self.inner.0).compact_after_page = true;
+    }
+
+    /// The objects of a collection now, in key order.
+    pub fn objects(&self, path: &'static str) -> Vec<Value> {
+        let s = lock(&self.inner.0);
+        s.objects
+            .get(path)
+            .map(|o| o.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Path and query of every request served so far, oldest first.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.inner.0).requests.clone()
+    }
+
     /// While down, requests get 503 and open watches are cut. Changes made while down are
     /// seen after it comes back (through the watch or a relist).
     pub fn set_down(&self, down: bool) {
@@ -156,12 +203,158 @@ fn key(obj: &Value) -> String {
     }
 }
 
+/// A query parameter's value, percent-decoded.
 fn query(path: &str, key: &str) -> Option<String> {
     let (_, q) = path.split_once('?')?;
     q.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| v.to_string())
+        (k == key).then(|| percent_decode(v))
     })
+}
+
+/// Decodes `%XX` escapes and `+` (a space, as Go's `url.ParseQuery` reads it).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+            if let Ok(x) = u8::from_str_radix(hex, 16) {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const TOKEN_VERSION: &str = "meta.k8s.io/v1";
+
+/// A continue token as kube-apiserver encodes it: base64url (no padding) of
+/// `{"v":"meta.k8s.io/v1","rv":<snapshot>,"start":"<last key>\0"}`.
+fn encode_continue(rv: i64, last_key: &str) -> String {
+    use base64::Engine as _;
+    let json = json!({"v": TOKEN_VERSION, "rv": rv, "start": format!("{last_key}\0")});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+}
+
+/// (snapshot resourceVersion, first key to return), or the reason the token is invalid.
+fn decode_continue(token: &str) -> Result<(i64, String), String> {
+    use base64::Engine as _;
+    let invalid = |e: &dyn std::fmt::Display| format!("continue key is not valid: {e}");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|e| invalid(&e))?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|e| invalid(&e))?;
+    if v["v"] != TOKEN_VERSION {
+        return Err(format!(
+            "continue key is not valid: server does not recognize this encoded version {}",
+            v["v"]
+        ));
+    }
+    let rv = v["rv"].as_i64().unwrap_or(0);
+    if rv == 0 {
+        return Err(
+            "continue key is not valid: incorrect encoded start resourceVersion \
+                    (version meta.k8s.io/v1)"
+                .into(),
+        );
+    }
+    match v["start"].as_str() {
+        Some(start) if !start.is_empty() => Ok((rv, start.to_string())),
+        _ => Err(
+            "continue key is not valid: encoded start key empty (version meta.k8s.io/v1)".into(),
+        ),
+    }
+}
+
+/// A `Status` failure body, as kube-apiserver writes it.
+fn status_body(code: u16, reason: &str, message: &str, meta: Value) -> String {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": meta, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+    .to_string()
+}
+
+/// The collection as it was at resourceVersion `at`, replayed from the change history.
+fn snapshot<'a>(s: &'a State, coll: &str, at: u64) -> BTreeMap<String, &'a Value> {
+    let mut out = BTreeMap::new();
+    for (rv, c, ty, obj) in &s.events {
+        if *rv > at {
+            break;
+        }
+        if *c != coll {
+            continue;
+        }
+        if *ty == "DELETED" {
+            out.remove(&key(obj));
+        } else {
+            out.insert(key(obj), obj);
+        }
+    }
+    out
+}
+
+/// Answers a list request: (status line, body).
+fn list(s: &State, coll: Option<&'static str>, path: &str) -> (&'static str, String) {
+    let limit = query(path, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let token = query(path, "continue").filter(|c| !c.is_empty());
+    let (at, start) = match token {
+        None => (s.rv, String::new()),
+        Some(token) => {
+            if query(path, "resourceVersion").is_some_and(|v| !v.is_empty() && v != "0") {
+                let msg = "specifying resource version is not allowed when using continue";
+                return (
+                    "400 Bad Request",
+                    status_body(400, "BadRequest", msg, json!({})),
+                );
+            }
+            let (rv, start) = match decode_continue(&token) {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = format!("invalid continue token: {e}");
+                    return (
+                        "400 Bad Request",
+                        status_body(400, "BadRequest", &msg, json!({})),
+                    );
+                }
+            };
+            if rv > 0 && (rv as u64) < s.compacted {
+                // etcd3 store's handleCompactedErrorForPaging: 410 with a token that continues
+                // at the latest version (an inconsistent list).
+                let last = start.strip_suffix('\0').unwrap_or(&start);
+                let msg = "The provided continue parameter is too old to display a consistent \
+                           list result. You can start a new list without the continue parameter, \
+                           or use the continue token in this response to retrieve the remainder \
+                           of the results. Continuing with the provided token results in an \
+                           inconsistent list - objects that were created, modified, or deleted \
+                           between the time the first chunk was returned and now may show up in \
+                           the list.";
+                let meta = json!({"continue": encode_continue(-1, last)});
+                return ("410 Gone", status_body(410, "Expired", msg, meta));
+            }
+            // rv -1: continue at the latest version.
+            (if rv < 0 { s.rv } else { rv as u64 }, start)
+        }
+    };
+    let all = coll.map(|c| snapshot(s, c, at)).unwrap_or_default();
+    let mut rest = all.range(start..);
+    let items: Vec<&Value> = rest.by_ref().take(limit).map(|(_, v)| *v).collect();
+    let remaining = rest.count();
+    let mut meta = json!({"resourceVersion": at.to_string()});
+    if remaining > 0 {
+        let last = items.last().map(|v| key(v)).unwrap_or_default();
+        meta["continue"] = json!(encode_continue(at as i64, &last));
+        meta["remainingItemCount"] = json!(remaining);
+    }
+    let body = json!({"kind": "List", "apiVersion": "v1", "metadata": meta, "items": items});
+    ("200 OK", body.to_string())
 }
 
 fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<()> {
@@ -180,6 +373,7 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
             }
         }
         let (m, cv) = &**inner;
+        lock(m).requests.push(path.clone());
         if lock(m).down {
             let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":503}"#;
             write!(w, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
@@ -189,14 +383,14 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
         let coll: Option<&'static str> = [NODES, SERVICES, SLICES].into_iter().find(|c| *c == base);
         let watch = matches!(query(&path, "watch").as_deref(), Some("true") | Some("1"));
         if !watch {
-            let s = lock(m);
-            let items: Vec<Value> = coll
-                .and_then(|c| s.objects.get(c))
-                .map(|o| o.values().cloned().collect())
-                .unwrap_or_default();
-            let body = json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}).to_string();
+            let mut s = lock(m);
+            let (status, body) = list(&s, coll, &path);
+            if std::mem::take(&mut s.compact_after_page) {
+                s.rv += 1;
+                s.compacted = s.rv;
+            }
             drop(s);
-            write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+            write!(w, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
             continue;
         }
         write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
@@ -243,5 +437,175 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    /// One GET on a fresh connection: (status code, JSON body).
+    fn get(api: &FakeApi, path: &str) -> (u16, Value) {
+        let mut c = TcpStream::connect(api.addr).expect("connect");
+        write!(c, "GET {path} HTTP/1.1\r\nHost: fake\r\n\r\n").expect("send");
+        let mut r = BufReader::new(c);
+        let mut line = String::new();
+        r.read_line(&mut line).expect("status line");
+        let code = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).expect("header");
+            if h == "\r\n" {
+                break;
+            }
+            if let Some(v) = h.strip_prefix("Content-Length:") {
+                len = v.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).expect("body");
+        (
+            code.expect("code"),
+            serde_json::from_slice(&body).expect("json"),
+        )
+    }
+
+    fn names(list: &Value) -> Vec<String> {
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(key)
+            .collect()
+    }
+
+    fn token_json(token: &Value) -> Value {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.as_str().expect("token"))
+            .expect("base64url");
+        serde_json::from_slice(&raw).expect("json token")
+    }
+
+    fn with_nodes(names: &[String]) -> FakeApi {
+        let api = FakeApi::start("127.0.0.1:0");
+        for n in names {
+            api.put_node(node_json(n, &["192.0.2.1"], &["10.244.1.0/24"]));
+        }
+        api
+    }
+
+    #[test]
+    fn lists_come_in_pages_with_opaque_tokens() {
+        let all: Vec<String> = (0..1201).map(|i| format!("n{i:04}")).collect();
+        let api = with_nodes(&all);
+        let (code, p1) = get(&api, "/api/v1/nodes?limit=500");
+        assert_eq!(code, 200);
+        assert_eq!(names(&p1), all[..500]);
+        assert_eq!(p1["metadata"]["resourceVersion"], "1201");
+        assert_eq!(p1["metadata"]["remainingItemCount"], 701);
+        assert_eq!(
+            token_json(&p1["metadata"]["continue"]),
+            json!({"v": "meta.k8s.io/v1", "rv": 1201, "start": "n0499\0"})
+        );
+        let next = |page: &Value| {
+            let t = page["metadata"]["continue"].as_str().expect("continue");
+            get(&api, &format!("/api/v1/nodes?limit=500&continue={t}"))
+        };
+        let (_, p2) = next(&p1);
+        assert_eq!(names(&p2), all[500..1000]);
+        assert_eq!(p2["metadata"]["remainingItemCount"], 201);
+        let (_, p3) = next(&p2);
+        assert_eq!(names(&p3), all[1000..]);
+        assert_eq!(p3["metadata"]["resourceVersion"], "1201");
+        assert!(p3["metadata"].get("continue").is_none());
+        assert!(p3["metadata"].get("remainingItemCount").is_none());
+        // No limit: everything at once.
+        let (_, whole) = get(&api, "/api/v1/nodes");
+        assert_eq!(names(&whole), all);
+    }
+
+    #[test]
+    fn later_pages_come_from_the_first_pages_snapshot() {
+        let api = with_nodes(&["a".into(), "b".into(), "c".into(), "d".into()]);
+        let (_, p1) = get(&api, "/api/v1/nodes?limit=2");
+        assert_eq!(names(&p1), ["a", "b"]);
+        api.put_node(node_json("bb", &["192.0.2.2"], &[]));
+        api.put_node(node_json("c", &["192.0.2.3"], &[]));
+        api.delete_node("d");
+        let t = p1["metadata"]["continue"].as_str().expect("continue");
+        let (code, p2) = get(&api, &format!("/api/v1/nodes?limit=2&continue={t}"));
+        assert_eq!(code, 200);
+        assert_eq!(names(&p2), ["c", "d"], "as of the first page");
+        assert_eq!(p2["items"][0]["metadata"]["resourceVersion"], "3");
+        assert_eq!(p2["metadata"]["resourceVersion"], "4");
+        let (_, now) = get(&api, "/api/v1/nodes");
+        assert_eq!(names(&now), ["a", "b", "bb", "c"]);
+        assert_eq!(now["metadata"]["resourceVersion"], "7");
+    }
+
+    #[test]
+    fn expired_and_invalid_tokens() {
+        let api = with_nodes(&["a".into(), "b".into(), "c".into()]);
+        let (_, p1) = get(&api, "/api/v1/nodes?limit=1");
+        let t = p1["metadata"]["continue"]
+            .as_str()
+            .expect("continue")
+            .to_string();
+        api.compact();
+        let (code, st) = get(&api, &format!("/api/v1/nodes?limit=1&continue={t}"));
+        assert_eq!(code, 410);
+        assert_eq!(st["kind"], "Status");
+        assert_eq!(st["reason"], "Expired");
+        assert_eq!(st["code"], 410);
+        assert!(st["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("The provided continue parameter is too old"));
+        // The fresh token continues after the same key at the latest version.
+        let fresh = &st["metadata"]["continue"];
+        assert_eq!(token_json(fresh)["rv"], -1);
+        let t2 = fresh.as_str().expect("token");
+        let (code, rest) = get(&api, &format!("/api/v1/nodes?continue={t2}"));
+        assert_eq!(code, 200);
+        assert_eq!(names(&rest), ["b", "c"]);
+        assert_eq!(rest["metadata"]["resourceVersion"], "4");
+
+        for bad in [
+            "garbage!",
+            "e30",
+            "eyJ2IjoibWV0YS5rOHMuaW8vdjEiLCJydiI6MCwic3RhcnQiOiJhIn0",
+        ] {
+            let (code, st) = get(&api, &format!("/api/v1/nodes?limit=1&continue={bad}"));
+            assert_eq!(code, 400, "{bad}");
+            assert_eq!(st["reason"], "BadRequest");
+            assert!(st["message"]
+                .as_str()
+                .expect("message")
+                .starts_with("invalid continue token: continue key is not valid"));
+        }
+        let (_, p1) = get(&api, "/api/v1/nodes?limit=1");
+        let t = p1["metadata"]["continue"].as_str().expect("continue");
+        let (code, _) = get(
+            &api,
+            &format!("/api/v1/nodes?continue={t}&resourceVersion=4"),
+        );
+        assert_eq!(code, 400);
+
+        // Compaction right after a page: its own token is already stale.
+        api.compact_after_next_page();
+        let (_, p1) = get(&api, "/api/v1/nodes?limit=1");
+        let t = p1["metadata"]["continue"].as_str().expect("continue");
+        assert_eq!(get(&api, &format!("/api/v1/nodes?continue={t}")).0, 410);
+        let (_, p1) = get(&api, "/api/v1/nodes?limit=1");
+        let t = p1["metadata"]["continue"].as_str().expect("continue");
+        assert_eq!(get(&api, &format!("/api/v1/nodes?continue={t}")).0, 200);
+        assert!(api
+            .requests()
+            .iter()
+            .all(|r| r.starts_with("/api/v1/nodes")));
     }
 }

@@ -1,7 +1,9 @@
 //! List+watch against the scripted API server (tests/apiserver.rs): recorded payloads, every
 //! fault case of the kube client issue, and stopping. Each test checks that the daemon's view
 //! converges to the server's, that nothing is removed because of an error, and that the watch
-//! thread logs the fault once (as a warning) however many retries it takes.
+//! thread logs the fault once (as a warning) however many retries it takes. The large paginated
+//! lists run against the stateful fake API server (tests/fakeapi.rs), whose continue tokens
+//! behave like kube-apiserver's.
 
 // This whole file is test-only code in the integration-test crate.
 #![allow(clippy::tests_outside_test_module)]
@@ -22,6 +24,7 @@ use serde_json::{json, Value};
 use crate::apiserver::{
     all_messages, capture_logs, eventually, messages, ApiServer, Fault, Kind, Mirror,
 };
+use crate::fakeapi::{node_json, FakeApi, NODES};
 
 const LIST_NODES: &str = include_str!("data/list-nodes.json");
 const WATCH_NODES: &str = include_str!("data/watch-nodes-http11.raw");
@@ -154,12 +157,13 @@ fn recorded_nodes_paginated_list_then_watch() {
     assert_eq!(lists[0].param("continue"), None);
     assert_eq!(lists[1].param("continue").as_deref(), Some("offset:1"));
 
-    // The recorded watch: MODIFIED node1 (label test=a), MODIFIED node2 (addresses cut to
+    // The recorded watch: MODIFIED node1 (label test=a, not kept), MODIFIED node2 (addresses cut to
     // one), ADDED node3, DELETED node3.
     server.apply_recorded(WATCH_NODES);
     assert!(w.mirror.wait_for(WAIT, |m| m.removed == ["node3"]));
     assert_eq!(w.mirror.keys(), ["node1", "node2"]);
-    assert_eq!(w.mirror.objects["node1"].metadata.labels["test"], "a");
+    // The stand-in numbers the replayed events 203…206: node1's change is the first.
+    assert_eq!(w.mirror.objects["node1"].resource_version(), "203");
     assert_eq!(w.mirror.objects["node2"].status.addresses.len(), 2);
     let watch = &server.requests_of(Kind::Watch)[0];
     assert_eq!(watch.param("allowWatchBookmarks").as_deref(), Some("true"));
@@ -411,6 +415,33 @@ fn gone_410_on_list() {
 }
 
 #[test]
+fn list_cut_mid_body_is_a_transport_fault_and_relists() {
+    // The list body is decoded as it arrives: a cut in the middle of it must still be a
+    // transport fault (retried), not a decode error, and nothing half-read is applied.
+    let server = nodes_server(&["a", "b"]);
+    let body = LIST_NODES.as_bytes();
+    let mut raw = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body[..body.len() / 2]);
+    server.script(Kind::List, Fault::Raw(raw));
+    let mut w = Watch::<Node>::start(client(&server.url(), None), fast());
+    w.synced();
+    assert_eq!(w.mirror.replaces, 1);
+    assert_eq!(w.mirror.keys(), ["a", "b"]);
+    let warns = w.warnings();
+    assert_eq!(warns.len(), 1, "{warns:?}");
+    assert!(
+        warns[0]
+            .starts_with("list nodes: connection reset or closed by the server in mid-response"),
+        "{warns:?}"
+    );
+    w.finish();
+}
+
+#[test]
 fn stalled_stream_hits_read_timeout() {
     let server = nodes_server(&["a"]);
     server.script(Kind::Watch, Fault::Stall);
@@ -633,4 +664,90 @@ fn stop_interrupts_backoff() {
     assert!(eventually(WAIT, || w.stats.faults() >= 1));
     let took = w.finish();
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A fake API server with `local` and `peers` more nodes (as the P-4 benchmark has them).
+fn fake_nodes(peers: u32) -> FakeApi {
+    let api = FakeApi::start("127.0.0.1:0");
+    api.put_node(node_json("local", &["10.0.0.1"], &["10.244.0.0/24"]));
+    for i in 0..peers {
+        let ip = format!("172.16.{}.{}", i >> 8, i & 255);
+        let cidr = format!("10.{}.{}.0/24", 1 + (i >> 8), i & 255);
+        api.put_node(node_json(&format!("p{i:05}"), &[&ip], &[&cidr]));
+    }
+    api
+}
+
+/// The nodes the fake server holds, decoded as the watch decodes them.
+fn expected_nodes(api: &FakeApi) -> std::collections::BTreeMap<String, Node> {
+    api.objects(NODES)
+        .into_iter()
+        .map(|v| {
+            let n: Node = serde_json::from_value(v).unwrap();
+            (n.key(), n)
+        })
+        .collect()
+}
+
+fn list_requests(api: &FakeApi) -> Vec<String> {
+    api.requests()
+        .into_iter()
+        .filter(|r| !r.contains("watch="))
+        .collect()
+}
+
+#[test]
+fn five_thousand_nodes_arrive_in_pages_and_are_reassembled_exactly() {
+    let api = fake_nodes(5000);
+    let mut w = Watch::<Node>::start(client(&format!("http://{}", api.addr), None), fast());
+    w.synced();
+    assert_eq!(w.mirror.replaces, 1, "one Replace for the whole list");
+    assert_eq!(w.mirror.objects.len(), 5001);
+    assert!(
+        w.mirror.objects == expected_nodes(&api),
+        "decoded nodes differ"
+    );
+    let lists = list_requests(&api);
+    assert_eq!(lists.len(), 11, "5,001 nodes in pages of 500: {lists:?}");
+    assert_eq!(lists[0], "/api/v1/nodes?limit=500");
+    assert!(lists[1..]
+        .iter()
+        .all(|r| r.starts_with("/api/v1/nodes?limit=500&continue=")));
+    let watch = api
+        .requests()
+        .into_iter()
+        .find(|r| r.contains("watch="))
+        .unwrap();
+    assert!(watch.ends_with("&resourceVersion=5001"), "{watch}");
+    // The watch goes on from there.
+    api.put_node(node_json("p05000", &["172.16.99.1"], &["10.99.0.0/24"]));
+    api.delete_node("p00000");
+    assert!(w.mirror.wait_for(WAIT, |m| m.removed == ["p00000"]
+        && m.objects.contains_key("p05000")));
+    assert!(w.mirror.objects == expected_nodes(&api));
+    assert!(w.warnings().is_empty(), "{:?}", w.warnings());
+    w.finish();
+}
+
+#[test]
+fn expired_continue_token_restarts_the_list_and_nothing_is_lost() {
+    let api = fake_nodes(1200);
+    api.compact_after_next_page();
+    let mut w = Watch::<Node>::start(client(&format!("http://{}", api.addr), None), fast());
+    w.synced();
+    assert_eq!(w.mirror.replaces, 1);
+    assert!(w.mirror.objects == expected_nodes(&api));
+    // Page 1, page 2 answered 410 Expired, then the whole list again: three pages.
+    let lists = list_requests(&api);
+    assert_eq!(lists.len(), 5, "{lists:?}");
+    assert_eq!(
+        lists[2], "/api/v1/nodes?limit=500",
+        "restarted from the first page"
+    );
+    assert!(w
+        .infos()
+        .iter()
+        .any(|m| m.contains("continue token expired (410)")));
+    assert!(w.warnings().is_empty(), "{:?}", w.warnings());
+    w.finish();
 }

@@ -36,7 +36,8 @@ use ureq::{Agent, Body};
 
 use super::error::{KubeError, Secret};
 use super::settings::{ConnectionSettings, Material, TokenSource};
-use super::types::Status;
+use super::types::{decode_list_from, ListPage, Status, READ_BUFFER};
+use super::Resource;
 
 /// Tunables of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -50,7 +51,7 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Per-read timeout of non-watch requests (lists, [`Client::get_json`]).
     pub read_timeout: Duration,
-    /// Largest response body read into memory (one list page).
+    /// Largest response body accepted (one list page; it is decoded as it arrives, not held).
     pub max_body: u64,
     /// Re-read the token file at least this often, even if it looks unchanged.
     pub token_reread: Duration,
@@ -613,6 +614,70 @@ pub fn read_body(op: &str, resp: HttpResponse, limit: u64) -> Result<Vec<u8>, Ku
     Ok(out)
 }
 
+/// The error a [`Capped`] reader returns past its limit.
+#[derive(Debug)]
+struct BodyTooLarge;
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("body too large")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// A reader that fails with [`BodyTooLarge`] once more than `limit` bytes came through.
+struct Capped<R> {
+    inner: R,
+    seen: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen += n as u64;
+        if self.seen > self.limit {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, BodyTooLarge));
+        }
+        Ok(n)
+    }
+}
+
+/// Reads and decodes a 2xx list response as it arrives ([`decode_list_from`] over the body
+/// reader): the page is never held whole, only a read buffer and one object at a time. A body
+/// over `limit` bytes, a transport error or a timeout mid-body fail as [`read_body`] would;
+/// a body that is not a list fails with [`KubeError::Decode`] (`what`: "`op` response").
+pub fn read_list<T: Resource>(
+    op: &str,
+    resp: HttpResponse,
+    limit: u64,
+) -> Result<ListPage<T>, KubeError> {
+    let mut body = Capped {
+        inner: resp.into_body().into_reader(),
+        seen: 0,
+        limit,
+    };
+    decode_list_from(&mut body, READ_BUFFER).map_err(|e| {
+        if !e.is_io() {
+            return KubeError::Decode {
+                what: format!("{op} response"),
+                reason: e.to_string(),
+            };
+        }
+        // serde_json hands back the reader's own error.
+        let io = io::Error::from(e);
+        if io.get_ref().is_some_and(|i| i.is::<BodyTooLarge>()) {
+            KubeError::Decode {
+                what: format!("response to {op}"),
+                reason: format!("body larger than {limit} bytes"),
+            }
+        } else {
+            map_io_error(op, "", io)
+        }
+    })
+}
+
 /// Classifies an I/O error from a body read (which may wrap a ureq timeout).
 pub fn map_io_error(op: &str, server: &str, e: io::Error) -> KubeError {
     if e.get_ref()
@@ -765,6 +830,107 @@ mod tests {
             c.get_json::<serde_json::Value>("/version"),
             Err(KubeError::Stopped)
         ));
+    }
+
+    /// A response whose body comes from `r`.
+    fn response(r: impl Read + Send + Sync + 'static) -> HttpResponse {
+        Response::builder()
+            .status(200)
+            .body(Body::builder().reader(r))
+            .unwrap()
+    }
+
+    /// Hands out `data` `step` bytes per read, then fails with `err` (or ends).
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        err: Option<io::ErrorKind>,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len() - self.at);
+            if n == 0 {
+                return match self.err {
+                    Some(kind) => Err(io::Error::new(kind, "cut")),
+                    None => Ok(0),
+                };
+            }
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn trickle(data: &[u8], step: usize, err: Option<io::ErrorKind>) -> Trickle {
+        Trickle {
+            data: data.to_vec(),
+            at: 0,
+            step,
+            err,
+        }
+    }
+
+    #[test]
+    fn list_is_decoded_as_it_arrives_like_a_whole_body() {
+        use crate::kube::types::{decode_list, Node};
+        let recorded = include_bytes!("../../tests/data/list-nodes.json");
+        let malformed =
+            br#"{"kind":"NodeList","metadata":{"resourceVersion":"9","continue":"abc"},"items":[
+            {"metadata":{"name":"good","resourceVersion":"5"}},
+            {"metadata":{"name":"bad","resourceVersion":"6"},"spec":{"podCIDRs":"10.0.0.0/24"}},
+            {"metadata":{"resourceVersion":"7"}}, 42,
+            {"metadata":{"name":"good2","annotations":{"kube-router.io/pod-cidr":"10.0.0.0/24"}}}
+        ]}"#;
+        for body in [&recorded[..], &malformed[..]] {
+            let whole = decode_list::<Node>(body).unwrap();
+            for step in [1, 7, 4096] {
+                let page =
+                    read_list::<Node>("list nodes", response(trickle(body, step, None)), 1 << 20)
+                        .unwrap();
+                assert_eq!(page, whole, "step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn list_read_failures_are_classified_as_before() {
+        use crate::kube::types::Node;
+        let body = include_bytes!("../../tests/data/list-nodes.json");
+        // Not a list: a decode error naming the list, as WatchMachine::list_page reports it.
+        let e = read_list::<Node>("list nodes", response(&b"<html>"[..]), 1 << 20).unwrap_err();
+        assert!(
+            matches!(&e, KubeError::Decode { what, .. } if what == "list nodes response"),
+            "{e:?}"
+        );
+        let e = read_list::<Node>("list nodes", response(&br#"{"items":[]}"#[..]), 1 << 20)
+            .unwrap_err();
+        assert!(e.to_string().contains("no metadata in list"), "{e}");
+        // Trailing garbage after the list.
+        let mut extra = body.to_vec();
+        extra.extend_from_slice(b" x");
+        let e = read_list::<Node>("list nodes", response(std::io::Cursor::new(extra)), 1 << 20)
+            .unwrap_err();
+        assert!(matches!(e, KubeError::Decode { .. }), "{e:?}");
+        // Over the limit: refused, whatever the content.
+        let e = read_list::<Node>("list nodes", response(&body[..]), 1000).unwrap_err();
+        assert!(
+            matches!(&e, KubeError::Decode { what, reason }
+                if what == "response to list nodes" && reason == "body larger than 1000 bytes"),
+            "{e:?}"
+        );
+        // Cut mid-body: a transport error, not a decode error.
+        let half = &body[..body.len() / 2];
+        for kind in [io::ErrorKind::UnexpectedEof, io::ErrorKind::ConnectionReset] {
+            let e = read_list::<Node>(
+                "list nodes",
+                response(trickle(half, 100, Some(kind))),
+                1 << 20,
+            )
+            .unwrap_err();
+            assert!(matches!(e, KubeError::Transport { .. }), "{kind:?}: {e:?}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::debug;
 
-use super::client::{map_io_error, read_body, status_error, Client, Connection};
+use super::client::{map_io_error, read_list, status_error, Client, Connection};
 use super::watch::{Counters, Flow, Next, Output, WatchConfig, WatchMachine};
 use super::{resource_name, Resource, Update};
 
@@ -246,7 +246,7 @@ fn run<T: Resource>(
                 let op = format!("list {name}");
                 let outcome = client.get(&conn, &path_query, None).and_then(|resp| {
                     if resp.status().is_success() {
-                        read_body(&op, resp, max_body)
+                        read_list::<T>(&op, resp, max_body)
                     } else {
                         Err(status_error(&op, resp))
                     }
@@ -255,7 +255,7 @@ fn run<T: Resource>(
                     break;
                 }
                 match outcome {
-                    Ok(body) => m.list_page(&body, Instant::now()),
+                    Ok(page) => m.list_decoded(page, Instant::now()),
                     Err(e) => m.list_failed(&e, Instant::now()),
                 }
             }

@@ -1,8 +1,10 @@
 //! Typed views of the Kubernetes objects kr-tunneld reads (SPEC K-5), and the lenient decoders
 //! for list pages and watch events.
 //!
-//! Core module: pure decoding. It must never do I/O, read the clock or log. Only the fields we
-//! use are decoded;
+//! Core module: pure decoding. It must never do I/O of its own, read the clock or log; the one
+//! decoder that reads ([`decode_list_from`]) pulls bytes from a reader the caller hands it (the
+//! shell's response body, or a slice). Only the fields we use are decoded (a Node keeps only
+//! what the overlay reads, see [`NODE_ANNOTATION_PREFIX`]);
 //! unknown fields are ignored and every field has a default (and `null` means the default), so
 //! partial objects decode. An object that still does not fit (a string where a list belongs) is
 //! returned as [`Skipped`] with its name, never as an error for the whole list or stream (SPEC
@@ -78,8 +80,9 @@ fn key_of(namespace: &str, name: &str) -> String {
 /// A core/v1 Node, reduced to what tunnels need (SPEC N-1…N-5).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Node {
-    /// Name, resourceVersion, labels, annotations (`kube-router.io/pod-cidrs` and friends).
-    #[serde(default, deserialize_with = "nullable")]
+    /// Name, resourceVersion and the `kube-router.io/` annotations; labels and other
+    /// annotations are dropped while decoding (see [`NODE_ANNOTATION_PREFIX`]).
+    #[serde(default, deserialize_with = "node_metadata")]
     pub metadata: ObjectMeta,
     /// `spec`.
     #[serde(default, deserialize_with = "nullable")]
@@ -87,6 +90,30 @@ pub struct Node {
     /// `status`.
     #[serde(default, deserialize_with = "nullable")]
     pub status: NodeStatus,
+}
+
+/// Annotations of a Node that are kept: kube-router's (`kube-router.io/pod-cidrs`,
+/// `kube-router.io/pod-cidr`, see [`crate::nodes`]). Every other annotation, and every label,
+/// is dropped while decoding.
+pub const NODE_ANNOTATION_PREFIX: &str = "kube-router.io/";
+
+/// Decodes a Node's `metadata` and reduces it at once to what the overlay uses: the name, the
+/// resourceVersion and the annotations under [`NODE_ANNOTATION_PREFIX`]. A kubelet-managed
+/// Node carries a dozen labels and several annotations (CRI socket, CSI node ids, TTL), and
+/// the watch cache holds every Node of the cluster. The rest is decoded and dropped object by
+/// object, never kept; decoding it as a whole [`ObjectMeta`] first keeps one decoder in the
+/// binary for all three kinds (a Node-only metadata type cost 12-19 KB of code, SPEC P-4), and
+/// a Node whose labels or annotations are not string maps is still skipped as before.
+fn node_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let mut m: ObjectMeta = nullable(d)?;
+    m.labels = BTreeMap::new();
+    m.annotations
+        .retain(|k, _| k.starts_with(NODE_ANNOTATION_PREFIX));
+    if m.annotations.is_empty() {
+        // Free the node an emptied map may still hold.
+        m.annotations = BTreeMap::new();
+    }
+    Ok(m)
 }
 
 /// `Node.spec`: the pod CIDRs, unparsed (bad entries are skipped later, with a warning naming
@@ -426,7 +453,7 @@ pub struct StatusDetails {
 impl Status {
     /// Decodes an error response body; `None` when it is not a JSON `Status`.
     pub fn from_body(body: &[u8]) -> Option<Status> {
-        serde_json::from_slice::<Status>(body).ok()
+        from_source::<Status>(&mut &body[..], body.len().min(READ_BUFFER)).ok()
     }
 }
 
@@ -536,13 +563,44 @@ struct ListEnvelope<T> {
     items: Option<LenientSeq<T>>,
 }
 
+/// Decodes one JSON text from `source` (all of it: only whitespace may follow). Every JSON
+/// text kr-tunneld reads comes through here with the same source type, `dyn Read` behind a
+/// buffer, so serde_json's parser is compiled into the binary once (SPEC P-4's size limit),
+/// not once per kind of source.
+fn from_source<T: DeserializeOwned>(
+    source: &mut dyn std::io::Read,
+    buffer: usize,
+) -> Result<T, serde_json::Error> {
+    let mut de =
+        serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(buffer, source));
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// The read buffer of a decode: a list page from the network reads through this much; a text
+/// already in memory is copied through at most this much at a time.
+pub const READ_BUFFER: usize = 16 << 10;
+
 /// Decodes a list response body (`NodeList`, `ServiceList`, `EndpointSliceList`). Fails only
 /// when the body is not a JSON list at all; bad items become [`ListPage::skipped`].
 pub fn decode_list<T: Resource>(body: &[u8]) -> Result<ListPage<T>, String> {
-    let env: ListEnvelope<T> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    decode_list_from(&mut &body[..], body.len().min(READ_BUFFER)).map_err(|e| e.to_string())
+}
+
+/// [`decode_list`] from a reader, decoding as the bytes arrive: the shell passes the response
+/// body, so a page is never held whole, only a read buffer of `buffer` bytes and one object at
+/// a time (as a `Value`, then typed). An I/O error of the source comes back as a `serde_json`
+/// error with [`serde_json::Error::is_io`]; converting it into an `io::Error` gives the
+/// original back.
+pub fn decode_list_from<T: Resource>(
+    source: &mut dyn std::io::Read,
+    buffer: usize,
+) -> Result<ListPage<T>, serde_json::Error> {
+    let env: ListEnvelope<T> = from_source(source, buffer)?;
     let meta = env
         .metadata
-        .ok_or_else(|| "no metadata in list".to_string())?;
+        .ok_or_else(|| <serde_json::Error as de::Error>::custom("no metadata in list"))?;
     let mut items = Vec::new();
     let mut skipped = Vec::new();
     for r in env.items.map(|s| s.0).unwrap_or_default() {
@@ -594,7 +652,8 @@ struct RawEvent {
 /// Decodes one watch line (`{"type":…,"object":…}`). `Err` means the line is not a watch event
 /// at all (not JSON, or no `type`): the stream cannot be trusted past it.
 pub fn decode_event<T: Resource>(line: &[u8]) -> Result<WatchEvent<T>, String> {
-    let raw: RawEvent = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let raw: RawEvent =
+        from_source(&mut &line[..], line.len().min(READ_BUFFER)).map_err(|e| e.to_string())?;
     let object = |ev: fn(T) -> WatchEvent<T>| match decode_object::<T>(&raw.object) {
         Ok(obj) => ev(obj),
         Err(skipped) => WatchEvent::Skipped {
@@ -621,6 +680,7 @@ pub fn decode_event<T: Resource>(line: &[u8]) -> Result<WatchEvent<T>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const LIST_NODES: &str = include_str!("../../tests/data/list-nodes.json");
     const LIST_SERVICES: &str = include_str!("../../tests/data/list-services.json");
@@ -645,7 +705,6 @@ mod tests {
         let n = &page.items[0];
         assert_eq!(n.key(), "node1");
         assert_eq!(n.resource_version(), "201");
-        assert_eq!(n.metadata.labels["kubernetes.io/hostname"], "node1");
         assert_eq!(n.metadata.annotations["kube-router.io/node.asn"], "64511");
         assert_eq!(n.spec.pod_cidr, "10.244.1.0/24");
         assert_eq!(n.spec.pod_cidrs, ["10.244.1.0/24", "fd00:10:244:1::/64"]);
@@ -673,13 +732,14 @@ mod tests {
             .map(|l| decode_event(l.as_bytes()).unwrap())
             .collect();
         assert_eq!(evs.len(), 6);
+        // The first one changed only a label, which a Node does not keep.
         assert!(
             matches!(&evs[0], WatchEvent::Modified(n) if n.key() == "node1"
-            && n.metadata.labels["test"] == "a")
+            && n.resource_version() == "205" && n.metadata.annotations.len() == 1)
         );
         assert!(matches!(&evs[1], WatchEvent::Modified(n) if n.status.addresses.len() == 2));
         assert!(matches!(&evs[2], WatchEvent::Added(n) if n.key() == "node3"
-            && n.spec.pod_cidrs == ["10.244.3.0/24"] && n.metadata.labels.is_empty()));
+            && n.spec.pod_cidrs == ["10.244.3.0/24"] && n.metadata.annotations.is_empty()));
         assert!(matches!(&evs[3], WatchEvent::Deleted(n) if n.resource_version() == "210"));
         assert_eq!(evs[4], WatchEvent::Bookmark("210".into()));
         assert_eq!(evs[5], WatchEvent::Bookmark("210".into()));
@@ -759,6 +819,71 @@ mod tests {
         );
         // The recorded bookmark carries "endpoints":null — it must still decode.
         assert_eq!(evs[2], WatchEvent::Bookmark("235".into()));
+    }
+
+    #[test]
+    fn node_keeps_only_kube_router_annotations_and_no_labels() {
+        let n: Node = serde_json::from_str(
+            r#"{"metadata":{"name":"n1","resourceVersion":"7","uid":"u",
+                "labels":{"kubernetes.io/hostname":"n1","topology.kubernetes.io/zone":"a"},
+                "annotations":{"kube-router.io/pod-cidrs":"10.1.0.0/24,fd00::/64",
+                    "node.alpha.kubernetes.io/ttl":"0","kube-router.io/pod-cidr":"10.1.0.0/24",
+                    "kube-router.io\/x":"escaped","csi.volume.kubernetes.io/nodeid":"{\"a\":\"b\"}"}},
+                "spec":{"podCIDR":"10.1.0.0/24","podCIDRs":["10.1.0.0/24"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(n.key(), "n1");
+        assert_eq!(n.resource_version(), "7");
+        assert!(n.metadata.labels.is_empty());
+        let keys: Vec<&str> = n.metadata.annotations.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "kube-router.io/pod-cidr",
+                "kube-router.io/pod-cidrs",
+                "kube-router.io/x"
+            ]
+        );
+        assert_eq!(
+            n.metadata.annotations["kube-router.io/pod-cidrs"],
+            "10.1.0.0/24,fd00::/64"
+        );
+        // The same through a `Value` (how list items and watch events are decoded).
+        let v: Value = serde_json::from_str(
+            r#"{"metadata":{"name":"n2","annotations":{"a":"1","kube-router.io/pod-cidr":"x"}}}"#,
+        )
+        .unwrap();
+        let n = decode_object::<Node>(&v).unwrap();
+        assert_eq!(n.metadata.annotations.len(), 1);
+        // A Service keeps all of its metadata (DSR reads labels and annotations).
+        let s = decode_object::<Service>(&json!({"metadata":{"name":"s","namespace":"ns",
+            "labels":{"a":"1"},"annotations":{"b":"2"}}}))
+        .unwrap();
+        assert_eq!(
+            (s.metadata.labels.len(), s.metadata.annotations.len()),
+            (1, 1)
+        );
+        // null and absent annotations are empty; a non-string value is still a bad object,
+        // kept or not.
+        for meta in [r#"{"name":"n","annotations":null}"#, r#"{"name":"n"}"#] {
+            let n: Node = serde_json::from_str(&format!(r#"{{"metadata":{meta}}}"#)).unwrap();
+            assert!(n.metadata.annotations.is_empty());
+        }
+        for ann in [
+            r#"{"a":1}"#,
+            r#"{"kube-router.io/pod-cidr":null}"#,
+            r#"["x"]"#,
+        ] {
+            let v: Value = serde_json::from_str(&format!(
+                r#"{{"metadata":{{"name":"n","annotations":{ann}}}}}"#
+            ))
+            .unwrap();
+            assert_eq!(decode_object::<Node>(&v).unwrap_err().key, "n", "{ann}");
+        }
+        // Every annotation the overlay reads is one that is kept.
+        for ann in [crate::nodes::ANN_POD_CIDRS, crate::nodes::ANN_POD_CIDR] {
+            assert!(ann.starts_with(NODE_ANNOTATION_PREFIX), "{ann}");
+        }
     }
 
     #[test]

