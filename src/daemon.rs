@@ -22,7 +22,7 @@ use crate::dsr;
 use crate::kube::types::{EndpointSlice, Node, Service};
 use crate::kube::{Resource, Update};
 use crate::metrics::Metrics;
-use crate::model::{Actual, Encap, Family, FouPort, NextHop, Op};
+use crate::model::{Actual, Encap, Family, FouPort, Op};
 use crate::netlink::ipvs::IpvsKernel;
 use crate::nodes::{self, Desired, Diag, Mode, NodeInfo};
 use crate::podns::PodsReport;
@@ -325,7 +325,7 @@ impl<K: Kernel> Daemon<K> {
             return None;
         };
         // The kernel objects the planner must see: links holding a name in scope or the
-        // endpoints of a wanted tunnel, and routes with a key in scope or through such a link.
+        // endpoints of a wanted tunnel, and routes with a key in scope.
         // (A few of each: compared in place rather than hashing every kernel object.)
         let ends: Vec<(Family, IpAddr, IpAddr)> = scope
             .want
@@ -350,10 +350,9 @@ impl<K: Kernel> Daemon<K> {
                 .actual
                 .routes
                 .iter()
-                .filter(|r| {
-                    scope.routes.contains(&(r.table, r.dst))
-                        || matches!(&r.nexthop, NextHop::Dev(d) if scope.names.contains(d))
-                })
+                // After a full pass every owned route is one the peer table names (the rest were
+                // deleted), so the route keys of the changed peers' rows find all of theirs.
+                .filter(|r| scope.routes.contains(&(r.table, r.dst)))
                 .cloned()
                 .collect(),
             ..Actual::default()

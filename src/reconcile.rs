@@ -261,10 +261,15 @@ pub fn absorb(actual: &mut Actual, ops: &[Op]) {
     for op in ops {
         match op {
             Op::ReplaceRoute(r) => {
-                actual
+                // One route per (table, destination) after a full read; replace it in place.
+                match actual
                     .routes
-                    .retain(|x| !(x.table == r.table && x.dst == r.dst));
-                actual.routes.push(r.clone());
+                    .iter_mut()
+                    .find(|x| x.table == r.table && x.dst == r.dst)
+                {
+                    Some(x) => *x = r.clone(),
+                    None => actual.routes.push(r.clone()),
+                }
             }
             Op::DeleteRoute(r) => {
                 actual
