@@ -8,10 +8,12 @@
 //! [`crate::reconcile`] do. SIGTERM/SIGINT stop the loop and leave the data path in place
 //! (SPEC O-4).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -22,7 +24,7 @@ use crate::dsr;
 use crate::kube::types::{EndpointSlice, Node, Service};
 use crate::kube::{Resource, Update};
 use crate::metrics::Metrics;
-use crate::model::{Actual, Encap, Family, FouPort, Op};
+use crate::model::{Actual, Encap, Family, FouPort, Link, NextHop, Op, Route};
 use crate::netlink::ipvs::IpvsKernel;
 use crate::nodes::{self, Desired, Diag, Mode, NodeInfo};
 use crate::podns::PodsReport;
@@ -136,9 +138,60 @@ impl<T: Resource> Cache<T> {
 /// What a full pass leaves for the incremental path (SPEC P-3): the kernel state as it stands
 /// after the pass, and what the desired state was computed from.
 struct Last {
-    actual: Actual,
+    /// Links by name (ours and foreign: a foreign link may hold a name we want).
+    links: HashMap<String, Link>,
+    /// Our routes by (table, destination).
+    routes: HashMap<(u32, IpNet), Route>,
     ctx: nodes::Context,
     claims: nodes::Claims,
+}
+
+impl Last {
+    fn new(actual: Actual, ctx: nodes::Context, claims: nodes::Claims) -> Last {
+        Last {
+            links: actual
+                .links
+                .into_iter()
+                .map(|l| (l.name.clone(), l))
+                .collect(),
+            routes: actual
+                .routes
+                .into_iter()
+                .map(|r| ((r.table, r.dst), r))
+                .collect(),
+            ctx,
+            claims,
+        }
+    }
+
+    /// Bring the kept routes and links up to date with `ops`, which all succeeded. Created and
+    /// changed links are read back by the caller.
+    fn absorb(&mut self, ops: &[Op], scope: &nodes::Scope) {
+        for op in ops {
+            match op {
+                Op::ReplaceRoute(r) => {
+                    self.routes.insert((r.table, r.dst), r.clone());
+                }
+                Op::DeleteRoute(r) => {
+                    self.routes.remove(&(r.table, r.dst));
+                }
+                Op::DeleteTunnel { name, .. } => {
+                    self.links.remove(name);
+                    // The kernel deletes the routes through it; they are all in scope.
+                    for k in &scope.routes {
+                        if self
+                            .routes
+                            .get(k)
+                            .is_some_and(|r| matches!(&r.nexthop, NextHop::Dev(d) if d == name))
+                        {
+                            self.routes.remove(k);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The daemon state owned by the main thread.
@@ -324,35 +377,22 @@ impl<K: Kernel> Daemon<K> {
             log::debug!("a pod CIDR or tunnel name is contested: full pass");
             return None;
         };
-        // The kernel objects the planner must see: links holding a name in scope or the
-        // endpoints of a wanted tunnel, and routes with a key in scope.
-        // (A few of each: compared in place rather than hashing every kernel object.)
-        let ends: Vec<(Family, IpAddr, IpAddr)> = scope
-            .want
-            .tunnels
-            .iter()
-            .map(|t| (t.family, t.local, t.remote))
-            .collect();
+        // The kernel objects the planner must see, looked up by key: links holding a name in
+        // scope, and routes with a key in scope. After a full pass every owned route is one the
+        // peer table names, so the changed peers' keys find all of theirs. A foreign link with
+        // the endpoints of a new tunnel is not looked for: the kernel refuses the create
+        // (EEXIST), that fails the pass, and the full pass that follows reports the clash.
         let part = Actual {
-            links: last
-                .actual
-                .links
+            links: scope
+                .names
                 .iter()
-                .filter(|l| {
-                    scope.names.contains(&l.name)
-                        || l.tunnel
-                            .as_ref()
-                            .is_some_and(|t| ends.contains(&(t.family, t.local, t.remote)))
-                })
+                .filter_map(|n| last.links.get(n))
                 .cloned()
                 .collect(),
-            routes: last
-                .actual
+            routes: scope
                 .routes
                 .iter()
-                // After a full pass every owned route is one the peer table names (the rest were
-                // deleted), so the route keys of the changed peers' rows find all of theirs.
-                .filter(|r| scope.routes.contains(&(r.table, r.dst)))
+                .filter_map(|k| last.routes.get(k))
                 .cloned()
                 .collect(),
             ..Actual::default()
@@ -367,13 +407,16 @@ impl<K: Kernel> Daemon<K> {
         };
         problems.extend(failed.iter().map(|(_, e)| e.to_string()));
         if failed.is_empty() {
-            reconcile::absorb(&mut last.actual, &plan.ops);
+            last.absorb(&plan.ops, &scope);
             let names: Vec<&str> = scope.names.iter().map(String::as_str).collect();
             match self.kernel.links_named(&names) {
                 Ok(links) => {
-                    last.actual.links.retain(|l| !scope.names.contains(&l.name));
-                    debug_assert!(links.iter().all(|l| scope.names.contains(&l.name)));
-                    last.actual.links.extend(links);
+                    for n in &scope.names {
+                        last.links.remove(n);
+                    }
+                    for l in links {
+                        last.links.insert(l.name.clone(), l);
+                    }
                     self.last = Some(last);
                 }
                 Err(e) => {
@@ -466,11 +509,7 @@ impl<K: Kernel> Daemon<K> {
                 drop(actual);
                 self.kernel.read(&own).ok()
             };
-            self.last = actual.map(|actual| Last {
-                actual,
-                ctx,
-                claims,
-            });
+            self.last = actual.map(|actual| Last::new(actual, ctx, claims));
         }
         // Only the peer table is kept (status, summary, the incremental path): the objects follow
         // from it and are recomputed by every full pass (SPEC P-4).

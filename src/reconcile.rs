@@ -253,50 +253,6 @@ pub fn plan(
     p
 }
 
-/// Bring `actual` up to date with `ops` that all succeeded, as far as the ops say: routes
-/// replaced or deleted, tunnels deleted (with the routes through them, as the kernel does), rules
-/// and FOU ports. Created and changed links are not modelled: the caller reads them back by name,
-/// since only the kernel knows their ifindex and final attributes.
-pub fn absorb(actual: &mut Actual, ops: &[Op]) {
-    for op in ops {
-        match op {
-            Op::ReplaceRoute(r) => {
-                // One route per (table, destination) after a full read; replace it in place.
-                match actual
-                    .routes
-                    .iter_mut()
-                    .find(|x| x.table == r.table && x.dst == r.dst)
-                {
-                    Some(x) => *x = r.clone(),
-                    None => actual.routes.push(r.clone()),
-                }
-            }
-            Op::DeleteRoute(r) => {
-                actual
-                    .routes
-                    .retain(|x| !(x.table == r.table && x.dst == r.dst));
-            }
-            Op::DeleteTunnel { index, name } => {
-                actual.links.retain(|l| l.index != *index);
-                actual
-                    .routes
-                    .retain(|r| !matches!(&r.nexthop, NextHop::Dev(d) if d == name));
-            }
-            Op::AddRule(r) => actual.rules.push(r.clone()),
-            Op::DeleteRule(r) => {
-                if let Some(i) = actual.rules.iter().position(|x| x == r) {
-                    actual.rules.remove(i);
-                }
-            }
-            Op::AddFouPort(p) => actual.fou.push(*p),
-            Op::DelFouPort(p) => actual
-                .fou
-                .retain(|q| !(q.family == p.family && q.port == p.port)),
-            Op::CreateTunnel(_) | Op::ChangeTunnel { .. } | Op::SetUp { .. } => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
