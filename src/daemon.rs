@@ -526,8 +526,9 @@ impl<K: Kernel> Daemon<K> {
     fn finish(&mut self, ops: usize, errors: usize, now: Instant) -> Outcome {
         let elapsed = now.elapsed();
         let dsr_services = self.dsr_last.0;
-        let summary = summary(&self.desired, dsr_services, ops, errors, elapsed);
-        self.metrics.record(&self.desired, ops, errors, elapsed);
+        let census = nodes::census(&self.desired.peers);
+        let summary = summary(&census, dsr_services, ops, errors, elapsed);
+        self.metrics.record(&census, ops, errors, elapsed);
         self.metrics.dsr_services = dsr_services;
         if ops > 0 {
             if errors > 0 {
@@ -731,31 +732,16 @@ fn release_free_memory() {
 
 /// The one-line reconcile summary (SPEC O-6).
 pub fn summary(
-    d: &Desired,
+    c: &nodes::Census,
     dsr_services: usize,
     ops: usize,
     failed: usize,
     took: Duration,
 ) -> String {
-    // Counted without allocating per peer: this runs after every pass (SPEC P-3).
-    let mut by_encap: Vec<((Family, Encap), usize)> = Vec::new();
-    let mut direct = 0;
-    for p in &d.peers {
-        match &p.mode {
-            Mode::Tunnel { encap, .. } => {
-                let key = (p.family, *encap);
-                match by_encap.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, n)) => *n += 1,
-                    None => by_encap.push((key, 1)),
-                }
-            }
-            Mode::Direct => direct += 1,
-            Mode::None => {}
-        }
-    }
     let mut named: BTreeMap<String, usize> = BTreeMap::new();
-    for ((family, encap), n) in by_encap {
-        let e = match &encap {
+    for ((family, encap), n) in &c.tunnels {
+        let family = *family;
+        let e = match encap {
             Encap::None if family == Family::V4 => "ipip".to_string(),
             Encap::None => "ip6ip6".to_string(),
             Encap::Gue { .. } => format!("gue-{family}"),
@@ -766,9 +752,9 @@ pub fn summary(
     let tunnels: Vec<String> = named.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
         "reconciled: peers={} tunnels=[{}] direct={} dsr={} ops={} failed={} took={}ms",
-        nodes::distinct_nodes(&d.peers),
+        c.nodes,
         tunnels.join(" "),
-        direct,
+        c.direct,
         dsr_services,
         ops,
         failed,

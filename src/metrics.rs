@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::model::{Encap, Family};
-use crate::nodes::{Desired, Mode};
+use crate::nodes::Census;
 
 /// Counters and gauges of the overlay.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,33 +42,25 @@ pub struct Metrics {
 
 impl Metrics {
     /// Record one reconcile.
-    pub fn record(&mut self, d: &Desired, ops: usize, failed: usize, took: Duration) {
+    pub fn record(&mut self, c: &Census, ops: usize, failed: usize, took: Duration) {
         self.reconciles += 1;
         self.failures += failed as u64;
         self.ops += ops as u64;
         self.last_duration = took;
-        self.peers = crate::nodes::distinct_nodes(&d.peers);
-        self.direct = 0;
-        // Counted without allocating per peer: this runs after every pass (SPEC P-3).
-        let mut counts: BTreeMap<(Family, &str), usize> = BTreeMap::new();
-        for p in &d.peers {
-            match &p.mode {
-                Mode::Tunnel { encap, .. } => {
-                    let e = match encap {
-                        Encap::None => "ipip",
-                        Encap::Gue { .. } => "gue",
-                        Encap::Other { .. } => "other",
-                    };
-                    *counts.entry((p.family, e)).or_default() += 1;
-                }
-                Mode::Direct => self.direct += 1,
-                Mode::None => {}
-            }
+        self.peers = c.nodes;
+        self.direct = c.direct;
+        let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for ((family, encap), n) in &c.tunnels {
+            let e = match encap {
+                Encap::None => "ipip",
+                Encap::Gue { .. } => "gue",
+                Encap::Other { .. } => "other",
+            };
+            *counts
+                .entry((family.to_string(), e.to_string()))
+                .or_default() += n;
         }
-        self.tunnels = counts
-            .into_iter()
-            .map(|((f, e), n)| ((f.to_string(), e.to_string()), n))
-            .collect();
+        self.tunnels = counts;
     }
 
     /// Prometheus text exposition format 0.0.4.

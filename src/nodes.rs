@@ -644,6 +644,39 @@ pub fn distinct_nodes(peers: &[Peer]) -> usize {
     peers.len() - both
 }
 
+/// Counts over the peer table, for the summary line and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Nodes the peer table names.
+    pub nodes: usize,
+    /// Tunnel rows by (family, transmit encapsulation).
+    pub tunnels: Vec<((Family, Encap), usize)>,
+    /// Rows reached by a direct route.
+    pub direct: usize,
+}
+
+/// Count the peer table (after every pass, so without allocating per peer: SPEC P-3).
+pub fn census(peers: &[Peer]) -> Census {
+    let mut c = Census {
+        nodes: distinct_nodes(peers),
+        ..Census::default()
+    };
+    for p in peers {
+        match &p.mode {
+            Mode::Tunnel { encap, .. } => {
+                let key = (p.family, *encap);
+                match c.tunnels.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, n)) => *n += 1,
+                    None => c.tunnels.push((key, 1)),
+                }
+            }
+            Mode::Direct => c.direct += 1,
+            Mode::None => {}
+        }
+    }
+    c
+}
+
 /// The host route (/32, /128) of an address.
 fn host_net(ip: IpAddr) -> IpNet {
     IpNet::new(ip, Family::of(&ip).host_len()).unwrap_or_else(|_| IpNet::from(ip))

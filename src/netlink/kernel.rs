@@ -447,6 +447,25 @@ impl NetlinkKernel {
         }
     }
 
+    /// The links the kernel returns for one name (RTM_GETLINK, no dump), entered into the
+    /// name → ifindex map. A missing link is the kernel's ENODEV error.
+    fn get_link(&mut self, name: &str) -> Result<Vec<Link>, NetlinkError> {
+        let replies = self.route.request(&link_get(name))?;
+        let mut out = Vec::new();
+        for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
+            match parse_link(&r.payload) {
+                Ok(l) => {
+                    if let Some(n) = IfName::new(&l.name) {
+                        self.index.insert(n, l.index);
+                    }
+                    out.push(l);
+                }
+                Err(e) => log::warn!("link {name}: cannot decode the reply: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
     /// The ifindex of `name`, dumping the links again once if they changed since the last dump.
     fn resolve(
         &mut self,
@@ -471,15 +490,8 @@ impl NetlinkKernel {
         // O(changes); a large batch is cheaper with one dump (SPEC P-1, P-3).
         const BY_NAME_UP_TO: usize = 16;
         if self.created <= BY_NAME_UP_TO {
-            match self.route.request(&link_get(name)) {
-                Ok(replies) => {
-                    for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
-                        if let Ok(l) = parse_link(&r.payload) {
-                            if let Some(n) = IfName::new(&l.name) {
-                                self.index.insert(n, l.index);
-                            }
-                        }
-                    }
+            match self.get_link(name) {
+                Ok(_) => {
                     if let Some(i) = self.index.get(&key) {
                         return Ok(Some(*i));
                     }
@@ -528,20 +540,8 @@ impl Kernel for NetlinkKernel {
     fn links_named(&mut self, names: &[&str]) -> Result<Vec<Link>, KernelError> {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            match self.route.request(&link_get(name)) {
-                Ok(replies) => {
-                    for r in replies.iter().filter(|r| r.msg_type == RTM_NEWLINK) {
-                        match parse_link(&r.payload) {
-                            Ok(l) => {
-                                if let Some(n) = IfName::new(&l.name) {
-                                    self.index.insert(n, l.index);
-                                }
-                                out.push(l);
-                            }
-                            Err(e) => log::warn!("link {name}: cannot decode the reply: {e}"),
-                        }
-                    }
-                }
+            match self.get_link(name) {
+                Ok(links) => out.extend(links),
                 Err(e) if e.errno() == libc::ENODEV => {
                     if let Some(n) = IfName::new(name) {
                         self.index.remove(&n);

@@ -254,11 +254,16 @@ fn config(state_dir: &Path) -> Config {
     Config::from_args(&a).expect("config")
 }
 
-/// A Node object as the API serves it (tests/fakeapi.rs), from the bench's node data.
-fn api_node(n: &NodeInfo) -> Node {
+/// A Node object's JSON as the API serves it (tests/fakeapi.rs), from the bench's node data.
+fn node_value(n: &NodeInfo) -> serde_json::Value {
     let ips: Vec<&str> = n.addresses.iter().map(|(_, a)| a.as_str()).collect();
     let cidrs: Vec<&str> = n.pod_cidrs.iter().map(String::as_str).collect();
-    serde_json::from_value(fakeapi::node_json(&n.name, &ips, &cidrs)).expect("node json")
+    fakeapi::node_json(&n.name, &ips, &cidrs)
+}
+
+/// A Node object as the API serves it.
+fn api_node(n: &NodeInfo) -> Node {
+    serde_json::from_value(node_value(n)).expect("node json")
 }
 
 /// The daemon's overlay settings with every flag at its default (IPv4, ipip, subnet, table 77).
@@ -803,14 +808,7 @@ fn memory(peers: u32) {
         let all = cluster(peers);
         let mut objects: Vec<Node> = Vec::new();
         for page in all.chunks(500) {
-            let items: Vec<serde_json::Value> = page
-                .iter()
-                .map(|n| {
-                    let ips: Vec<&str> = n.addresses.iter().map(|(_, a)| a.as_str()).collect();
-                    let cidrs: Vec<&str> = n.pod_cidrs.iter().map(String::as_str).collect();
-                    fakeapi::node_json(&n.name, &ips, &cidrs)
-                })
-                .collect();
+            let items: Vec<serde_json::Value> = page.iter().map(node_value).collect();
             let body = serde_json::to_vec(&serde_json::json!({
                 "kind": "NodeList", "apiVersion": "v1",
                 "metadata": {"resourceVersion": "1"}, "items": items}))
