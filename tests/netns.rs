@@ -1402,3 +1402,122 @@ fn tunnel_delete_link_group() {
         k.delete_link_group(GROUP).unwrap();
     });
 }
+
+/// The daemon's incremental path (SPEC P-3) against a real kernel, with no resync to hide its
+/// mistakes (the end-to-end tests resync every 2 s): after every Node event, which must be
+/// handled incrementally, a full pass computed from scratch finds nothing to do.
+#[test]
+#[ignore]
+fn daemon_incremental_events_leave_what_a_full_pass_wants() {
+    use kr_tunneld::config::Config;
+    use kr_tunneld::daemon::{node_info, Daemon};
+    use kr_tunneld::kube::{Node, Update};
+    use kr_tunneld::{nodes, reconcile};
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    crate::rig::in_new_netns(|| {
+        ip(&["link", "set", "lo", "up"]);
+        ip(&["link", "add", "eth0", "type", "dummy"]);
+        ip(&["link", "set", "eth0", "up"]);
+        ip(&["addr", "add", "192.168.1.10/24", "dev", "eth0"]);
+        let dir = std::env::temp_dir().join(format!("krt-incr-{}", std::process::id()));
+        let state = dir.display().to_string();
+        let args = ["--state-dir", state.as_str(), "--resync-period=1h"];
+        let kr_tunneld::cli::Parsed::Args(a) = kr_tunneld::cli::parse(args, &|_| None).unwrap()
+        else {
+            panic!("not a run command line")
+        };
+        let cfg = Config::from_args(&a).unwrap();
+        let own = cfg.overlay.own.clone();
+        let node = |name: &str, ip: &str, cidr: &str| -> Node {
+            serde_json::from_value(crate::fakeapi::node_json(name, &[ip], &[cidr])).unwrap()
+        };
+        let mut api: BTreeMap<String, Node> = BTreeMap::new();
+        for n in [
+            node("a", "192.168.1.10", "10.244.0.0/24"),
+            node("b", "172.16.0.2", "10.244.2.0/24"),
+        ] {
+            api.insert(n.metadata.name.clone(), n);
+        }
+        let mut d = Daemon::new(
+            cfg.clone(),
+            "a".into(),
+            NetlinkKernel::open().unwrap(),
+            Box::new(io::sink()),
+        );
+        d.on_nodes(Update::Replace(api.values().cloned().collect()));
+        let o = d.reconcile(Instant::now()).unwrap();
+        assert_eq!(o.failed, 0, "{}", o.summary);
+        let steps = [
+            (
+                "c joins",
+                Update::Upsert(node("c", "172.16.0.3", "10.244.3.0/24")),
+            ),
+            (
+                "c's IP changes",
+                Update::Upsert(node("c", "172.16.0.4", "10.244.3.0/24")),
+            ),
+            (
+                "b's pod CIDR changes",
+                Update::Upsert(node("b", "172.16.0.2", "10.244.22.0/24")),
+            ),
+            (
+                "c moves into our subnet",
+                Update::Upsert(node("c", "192.168.1.20", "10.244.3.0/24")),
+            ),
+            (
+                "c moves out again",
+                Update::Upsert(node("c", "172.16.0.5", "10.244.3.0/24")),
+            ),
+            (
+                "c leaves",
+                Update::Delete(node("c", "172.16.0.5", "10.244.3.0/24")),
+            ),
+            // The route deleted three steps ago must not be remembered as present.
+            (
+                "b's pod CIDR changes back",
+                Update::Upsert(node("b", "172.16.0.2", "10.244.2.0/24")),
+            ),
+        ];
+        for (what, u) in steps {
+            match &u {
+                Update::Upsert(n) => {
+                    api.insert(n.metadata.name.clone(), n.clone());
+                }
+                Update::Delete(n) => {
+                    api.remove(&n.metadata.name);
+                }
+                Update::Replace(_) => unreachable!(),
+            }
+            let before = d.metrics.incremental;
+            assert!(d.on_nodes(u), "{what}: no change seen");
+            let o = d.reconcile(Instant::now()).unwrap();
+            assert_eq!(o.failed, 0, "{what}: {}", o.summary);
+            assert_eq!(d.metrics.incremental, before + 1, "{what}: not incremental");
+            let mut k = kernel();
+            let actual = k.read(&own).unwrap();
+            let infos: Vec<_> = api.values().map(node_info).collect();
+            let want = nodes::desired("a", &infos, &actual, &cfg.overlay, &mut Vec::new()).unwrap();
+            let owned = want.fou.iter().copied().collect();
+            let plan = reconcile::plan(&want, &actual, &own, &owned);
+            assert!(
+                plan.ops.is_empty(),
+                "{what}: a full pass would still do {:?}",
+                plan.ops
+            );
+        }
+        // And as iproute2 sees it: b's tunnel and routes, nothing of c's.
+        let links: Vec<String> = ip_json(&["link", "show", "type", "ipip"])
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .filter(|n| n.starts_with("kt"))
+            .collect();
+        assert_eq!(links, ["ktac100002", "ktrx4"], "{links:?}");
+        let routes = ip(&["route", "show", "proto", "157"]);
+        assert!(routes.contains("10.244.2.0/24 dev ktac100002"), "{routes}");
+        assert!(!routes.contains("10.244.22.0"), "{routes}");
+        assert!(!routes.contains("10.244.3.0"), "{routes}");
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
