@@ -425,8 +425,13 @@ impl fmt::Display for NsError {
 impl std::error::Error for NsError {}
 
 /// Runs `f` on a new thread that first joins the network namespace at `path`, and returns its
-/// result. Only that thread ever is in the namespace; it ends when `f` returns. A panic in `f`
-/// is returned as an error, never propagated into the caller (SPEC R-1).
+/// result. Only that thread ever is in the namespace; it ends when `f` returns.
+///
+/// A panic in `f` is a bug (SPEC R-1: nothing here panics on input). Release builds use
+/// `panic = "abort"`, so such a panic ends the whole process there, as anywhere else in the
+/// daemon, and systemd restarts it; the kernel state stays (SPEC O-4). Only builds that unwind
+/// (debug, tests) get as far as the `join` below, which turns the panic into an error instead of
+/// propagating it into the caller.
 pub fn in_netns<R, F>(path: &Path, f: F) -> Result<R, NsError>
 where
     F: FnOnce() -> R + Send,
@@ -452,6 +457,7 @@ where
         });
         match h.join() {
             Ok(r) => r.map_err(err),
+            // Reached only when panics unwind (not in release builds: see above).
             Err(_) => Err(err("the namespace thread panicked".into())),
         }
     })
