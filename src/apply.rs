@@ -20,7 +20,25 @@ pub struct KernelError {
     pub msg: String,
 }
 
+/// The message of an op left unsent because the daemon is stopping (see [`KernelError::not_sent`]).
+const NOT_SENT: &str = "not sent: stopping";
+
 impl KernelError {
+    /// `op` was not sent: SIGTERM came in the middle of the pass (SPEC S-5). Not a failure of
+    /// the op; what was applied before stays, and the next start converges.
+    pub fn not_sent(op: &Op) -> KernelError {
+        KernelError {
+            op: op.to_string(),
+            errno: 0,
+            msg: NOT_SENT.into(),
+        }
+    }
+
+    /// True for [`KernelError::not_sent`].
+    pub fn is_not_sent(&self) -> bool {
+        self.errno == 0 && self.msg == NOT_SENT
+    }
+
     /// Transient failures are worth retrying soon; the rest wait for the next resync.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -59,7 +77,9 @@ pub trait Kernel {
 
     /// Apply `ops` in order. Independent failures do not stop the rest; the result lists the
     /// index and error of every op that failed. Implementations may batch several requests per
-    /// send (SPEC P-1) as long as the order is kept.
+    /// send (SPEC P-1) as long as the order is kept. An implementation told to stop may leave the
+    /// rest of `ops` unsent between two batches: each of those is listed with
+    /// [`KernelError::not_sent`] (SPEC S-5).
     fn apply(&mut self, own: &Ownership, ops: &[Op]) -> Vec<(usize, KernelError)>;
 
     /// The links of these names that exist (one lookup each, no dump): how the incremental path

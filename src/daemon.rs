@@ -84,6 +84,8 @@ pub struct Outcome {
     pub failed: usize,
     /// The one-line summary (SPEC O-6).
     pub summary: String,
+    /// The pass was cut short by a stop between two batches (SPEC S-5).
+    pub stopped: bool,
 }
 
 /// Converges the receiving pods of this node (SPEC D-4); the daemon passes
@@ -405,6 +407,9 @@ impl<K: Kernel> Daemon<K> {
         } else {
             self.kernel.apply(&own, &plan.ops)
         };
+        if failed.iter().any(|(_, e)| e.is_not_sent()) {
+            return Some(self.cut_short());
+        }
         problems.extend(failed.iter().map(|(_, e)| e.to_string()));
         if failed.is_empty() {
             last.absorb(&plan.ops, &scope);
@@ -474,10 +479,13 @@ impl<K: Kernel> Daemon<K> {
         } else if !plan.ops.is_empty() {
             failed = self.kernel.apply(&own, &plan.ops);
             let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            self.track_fou(&plan.ops, &failed_idx);
+            if failed.iter().any(|(_, e)| e.is_not_sent()) {
+                return Ok(self.cut_short());
+            }
             for (_, e) in &failed {
                 problems.push(e.to_string());
             }
-            self.track_fou(&plan.ops, &failed_idx);
         }
         let mut errors = failed.len();
         if let (Some(pods), Some(shell)) = (dsr_pods, self.dsr.as_mut()) {
@@ -522,6 +530,18 @@ impl<K: Kernel> Daemon<K> {
         Ok(self.finish(ops, errors, now))
     }
 
+    /// A pass cut short by a stop (SPEC S-5): what was applied stays and is not a failure;
+    /// nothing is kept for the incremental path.
+    fn cut_short(&mut self) -> Outcome {
+        self.full = true;
+        self.last = None;
+        Outcome {
+            summary: "stopped in the middle of a pass; the next start converges".into(),
+            stopped: true,
+            ..Outcome::default()
+        }
+    }
+
     /// The summary line, metrics and outcome of a pass.
     fn finish(&mut self, ops: usize, errors: usize, now: Instant) -> Outcome {
         let elapsed = now.elapsed();
@@ -543,6 +563,7 @@ impl<K: Kernel> Daemon<K> {
             planned: ops,
             failed: errors,
             summary,
+            stopped: false,
         }
     }
 
@@ -707,6 +728,7 @@ impl<K: Kernel> Daemon<K> {
                 plan.ops.len() - failed.len(),
                 failed.len()
             ),
+            ..Outcome::default()
         })
     }
 
@@ -974,6 +996,11 @@ pub fn run_loop<K: Kernel>(
         }
         dirty = false;
         match d.reconcile(now) {
+            Ok(outcome) if outcome.stopped => {
+                log::info!("{}", outcome.summary);
+                hooks.stopping();
+                return Exit::Clean;
+            }
             Ok(outcome) => {
                 // The status file is rewritten whole (O(peers)): at most once per
                 // STATUS_EVERY under churn, the first time right after the first pass.

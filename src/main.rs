@@ -4,6 +4,7 @@
 //! unit sets `RestartPreventExitStatus=2`).
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -219,9 +220,12 @@ fn run(cfg: Config) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         client.server()
     );
-    let Some(kernel) = open_kernel() else {
+    let Some(mut kernel) = open_kernel() else {
         return ExitCode::FAILURE;
     };
+    // Set by SIGTERM/SIGINT: a pass in progress stops between two netlink batches (SPEC S-5).
+    let halt = Arc::new(AtomicBool::new(false));
+    kernel.stop_on(halt.clone());
 
     let (tx, rx) = channel();
     let stop = Stop::new();
@@ -266,12 +270,14 @@ fn run(cfg: Config) -> ExitCode {
         Ok(mut signals) => {
             let sig_tx = tx.clone();
             let sig_stop = stop.clone();
+            let sig_halt = halt.clone();
             std::thread::spawn(move || {
                 for s in signals.forever() {
                     let ev = if s == signal_hook::consts::SIGHUP {
                         Event::Resync
                     } else {
                         // Unblock the watch threads at once; the main loop exits on Stop.
+                        sig_halt.store(true, Ordering::Relaxed);
                         sig_stop.trigger();
                         Event::Stop
                     };

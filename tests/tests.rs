@@ -38,3 +38,5 @@ mod fuzz_replay;
 mod fuzz_targets;
 // Fault soak: kill -9 mid-converge and API faults against the real binary (root; #[ignore]d).
 mod soak;
+// Liveness against a real kernel: SIGTERM mid-pass, drift repaired from rtnetlink notifications (root; #[ignore]d).
+mod live;

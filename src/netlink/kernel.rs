@@ -24,6 +24,8 @@
 //! ([`BATCH_MESSAGES`], [`BATCH_BYTES`]) is queued, so `apply` holds at most one batch of them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use netlink_packet_core::DecodeError;
 
@@ -55,6 +57,8 @@ pub struct NetlinkKernel {
     created: usize,
     /// How many objects the last dumps returned: the capacity to start the next with.
     last: DumpSizes,
+    /// Set when the daemon is to stop: `apply` sends no further batch (SPEC S-5).
+    halt: Option<Arc<AtomicBool>>,
 }
 
 /// A link name as the kernel keeps it, at most `IFNAMSIZ - 1` = 15 bytes, held inline: the
@@ -216,7 +220,20 @@ impl NetlinkKernel {
             index_stale: true,
             created: 0,
             last: DumpSizes::default(),
+            halt: None,
         })
+    }
+
+    /// Makes `apply` stop between two batches once `flag` is set (SIGTERM in the middle of a
+    /// long pass, SPEC S-5): the ops not sent yet are reported with [`KernelError::not_sent`].
+    pub fn stop_on(&mut self, flag: Arc<AtomicBool>) {
+        self.halt = Some(flag);
+    }
+
+    fn halted(&self) -> bool {
+        self.halt
+            .as_ref()
+            .is_some_and(|h| h.load(Ordering::Relaxed))
     }
 
     /// Dumps all links and refreshes the name → ifindex map.
@@ -571,11 +588,23 @@ impl Kernel for NetlinkKernel {
     fn apply(&mut self, own: &Ownership, ops: &[Op]) -> Vec<(usize, KernelError)> {
         let mut failed = Vec::new();
         let mut queue = Queue::default();
+        let not_sent = |from: usize, failed: &mut Vec<(usize, KernelError)>| {
+            log::info!(
+                "stopping: {} of {} operations not sent",
+                ops.len() - from,
+                ops.len()
+            );
+            failed.extend((from..ops.len()).map(|j| (j, KernelError::not_sent(&ops[j]))));
+        };
         for (i, op) in ops.iter().enumerate() {
             let req = match op {
                 Op::AddFouPort(p) | Op::DelFouPort(p) => {
                     // Another socket: keep the order by sending what is queued first.
                     self.flush(own, ops, &mut queue, &mut failed);
+                    if self.halted() {
+                        not_sent(i, &mut failed);
+                        break;
+                    }
                     match self.fou_op(op, p, matches!(op, Op::AddFouPort(_))) {
                         Ok(()) => log::info!("{op}"),
                         Err(e) => failed.push((i, e)),
@@ -640,6 +669,11 @@ impl Kernel for NetlinkKernel {
             queue.push(i, req);
             if queue.full() {
                 self.flush(own, ops, &mut queue, &mut failed);
+                // Between two batches: the only place a stop can cut a pass (SPEC S-5).
+                if self.halted() && i + 1 < ops.len() {
+                    not_sent(i + 1, &mut failed);
+                    break;
+                }
             }
         }
         self.flush(own, ops, &mut queue, &mut failed);
