@@ -269,6 +269,14 @@ pub const FLAGS: &[Flag] = &[
         "serve Prometheus metrics here (empty = off)"
     ),
     flag!(
+        "health-addr",
+        Value,
+        "ADDR:PORT",
+        "",
+        "Service",
+        "serve /healthz and /readyz here (empty = off; also on --metrics-addr)"
+    ),
+    flag!(
         "metrics-file",
         Value,
         "PATH",

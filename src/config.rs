@@ -99,6 +99,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `--metrics-addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `--health-addr` (SPEC S-8).
+    pub health_addr: Option<std::net::SocketAddr>,
     /// `--metrics-file`.
     pub metrics_file: Option<PathBuf>,
     /// `--dry-run`.
@@ -351,6 +353,12 @@ impl Config {
                 v.bad("metrics-addr", "expected ADDRESS:PORT, e.g. 127.0.0.1:9477")
             })?),
         };
+        let health_addr = match v.opt("health-addr") {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                v.bad("health-addr", "expected ADDRESS:PORT, e.g. 127.0.0.1:20244")
+            })?),
+        };
         let log_level = match v.opt("log-level") {
             None => None,
             Some(s) => Some(s.parse::<log::LevelFilter>().map_err(|_| {
@@ -377,6 +385,7 @@ impl Config {
             resync,
             state_dir: PathBuf::from(v.args.get("state-dir").0),
             metrics_addr,
+            health_addr,
             metrics_file: v.opt("metrics-file").map(PathBuf::from),
             dry_run: v.bool("dry-run")?,
             once: v.bool("once")?,

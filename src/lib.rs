@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dsr;
+pub mod health;
 pub mod kube;
 pub mod logging;
 pub mod metrics;

@@ -13,6 +13,7 @@ use kr_tunneld::apply::Kernel;
 use kr_tunneld::cli::{self, Command, Parsed};
 use kr_tunneld::config::Config;
 use kr_tunneld::daemon::{self, Daemon, DsrShell, Event, Exit, Hooks, Outcome};
+use kr_tunneld::health::Health;
 use kr_tunneld::kube::{
     self, Client, ConnectionSettings, EndpointSlice, Node, Service, Stop, WatchOptions, WatchStats,
 };
@@ -129,6 +130,7 @@ struct MainHooks {
     metrics_file: Option<std::path::PathBuf>,
     stats: Arc<WatchStats>,
     watchdog: bool,
+    health: Arc<Health>,
 }
 
 impl MainHooks {
@@ -151,6 +153,10 @@ impl MainHooks {
 
 impl Hooks for MainHooks {
     fn reconciled(&mut self, first: bool, outcome: &Outcome, m: &metrics::Metrics) {
+        self.health.beat();
+        if first {
+            self.health.set_ready();
+        }
         self.publish(m);
         if first {
             self.notifier.ready(&outcome.summary);
@@ -161,6 +167,7 @@ impl Hooks for MainHooks {
     }
 
     fn alive(&mut self) {
+        self.health.beat();
         if self.watchdog {
             self.notifier.watchdog();
         }
@@ -294,14 +301,23 @@ fn run(cfg: Config) -> ExitCode {
     }
     drop(tx);
 
+    let watchdog = systemd::watchdog_interval();
+    let alive_every = watchdog.unwrap_or(Duration::from_secs(30));
+    // SPEC S-8: /healthz fails after three missed wake-ups of the main loop, /readyz also
+    // without an answer from the API server for a resync period.
+    let health = Arc::new(Health::new(3 * alive_every, cfg.resync, stats.clone()));
     let page = Arc::new(Mutex::new(String::new()));
-    if let Some(addr) = cfg.metrics_addr {
-        if let Err(e) = metrics::serve(addr, page.clone()) {
-            log::error!("cannot serve metrics on {addr}: {e}");
+    let listeners = [
+        (cfg.metrics_addr, Some(page.clone()), "metrics"),
+        (cfg.health_addr, None, "health probes"),
+    ];
+    for (addr, page, what) in listeners {
+        let Some(addr) = addr else { continue };
+        if let Err(e) = metrics::serve(addr, page, Some(health.clone())) {
+            log::error!("cannot serve {what} on {addr}: {e}");
             return ExitCode::FAILURE;
         }
     }
-    let watchdog = systemd::watchdog_interval();
     let mut hooks = MainHooks {
         notifier: Notifier::from_env(),
         ready: false,
@@ -309,8 +325,8 @@ fn run(cfg: Config) -> ExitCode {
         metrics_file: cfg.metrics_file.clone(),
         stats,
         watchdog: watchdog.is_some(),
+        health,
     };
-    let alive_every = watchdog.unwrap_or(Duration::from_secs(30));
     let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
     let mut d = Daemon::new(cfg, local, kernel, out);
     if let Some(shell) = dsr_shell {

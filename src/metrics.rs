@@ -2,14 +2,15 @@
 //! served on `--metrics-addr` and/or written to `--metrics-file`.
 //!
 //! [`Metrics`] and [`Metrics::render`] are pure; [`serve`] is the shell (one tiny HTTP/1.0
-//! responder thread over std::net; no HTTP library needed for one fixed page).
+//! responder thread over std::net; no HTTP library needed for one fixed page and two probes).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::health::Health;
 use crate::model::{Encap, Family};
 use crate::nodes::Census;
 
@@ -155,29 +156,61 @@ impl Metrics {
     }
 }
 
-/// Serve `page` (the latest rendering) on `addr` from a background thread. Each connection gets
-/// the page whatever it asked for; reads and writes are bounded by short timeouts.
-pub fn serve(addr: SocketAddr, page: Arc<Mutex<String>>) -> std::io::Result<()> {
+/// Serve from a background thread on `addr`: `/healthz` and `/readyz` from `health` (SPEC S-8),
+/// and `page` (the latest rendering of the metrics) at any other path; without a page (the
+/// `--health-addr` listener) other paths are 404. Reads and writes are bounded by short timeouts.
+pub fn serve(
+    addr: SocketAddr,
+    page: Option<Arc<Mutex<String>>>,
+    health: Option<Arc<Health>>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf);
-            let body = match page.lock() {
-                Ok(p) => p.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
-            let _ = write!(
-                c,
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{}",
-                body.len(),
-                body
-            );
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+                // The request line, which may come in pieces.
+                let mut buf = [0u8; 1024];
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].contains(&b'\n') {
+                    match c.read(&mut buf[n..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+                // "GET /readyz HTTP/1.1": the second word of the request line.
+                let path = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .unwrap_or("/");
+                let probe = match (path.split('?').next(), &health) {
+                    (Some("/healthz"), Some(h)) => Some(h.live(Instant::now())),
+                    (Some("/readyz"), Some(h)) => Some(h.ready(Instant::now())),
+                    _ => None,
+                };
+                let (status, kind, body) = match (probe, &page) {
+                    (Some(Ok(())), _) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    (Some(Err(why)), _) => ("503 Service Unavailable", "text/plain", why + "\n"),
+                    (None, Some(p)) => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        match p.lock() {
+                            Ok(p) => p.clone(),
+                            Err(p) => p.into_inner().clone(),
+                        },
+                    ),
+                    (None, None) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                };
+                let _ = write!(
+                    c,
+                    "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })?;
     Ok(())
 }
 
@@ -207,7 +240,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        serve(addr, page).unwrap();
+        serve(addr, Some(page), None).unwrap();
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut s = String::new();

@@ -181,4 +181,107 @@ mod tests {
         assert!(!out.contains("s3cr3t"), "token on stdout");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    fn free_port() -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    /// One HTTP request: the status line and the body.
+    fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        use std::io::Write;
+        let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+            return ("connection refused".into(), String::new());
+        };
+        // In pieces, as a client may send it.
+        for piece in ["GET ", path, " HTTP/1.1\r\n", "Host: x\r\n\r\n"] {
+            let _ = c.write_all(piece.as_bytes());
+        }
+        let mut s = String::new();
+        let _ = c.read_to_string(&mut s);
+        let (head, body) = s.split_once("\r\n\r\n").unwrap_or((&s, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// Polls `path` until its status line contains `want`.
+    fn wait_status(
+        addr: std::net::SocketAddr,
+        path: &str,
+        want: &str,
+        secs: u64,
+    ) -> (String, String) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let r = get(addr, path);
+            if r.0.contains(want) || Instant::now() > end {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SPEC S-8: `/healthz` and `/readyz` over HTTP on `--health-addr` and on `--metrics-addr`:
+    /// healthy from the start, ready only after the first reconcile, and not ready again once
+    /// the API server has not answered for a resync period.
+    #[test]
+    fn health_and_readiness_over_http() {
+        let api = FakeApi::start("127.0.0.1:0");
+        api.set_down(true);
+        let dir = std::env::temp_dir().join(format!("krt-cli-health-{}", std::process::id()));
+        let (health, metrics) = (free_port(), free_port());
+        let mut child = Command::new(kr_tunneld_bin())
+            .args(["--dry-run", "--hostname-override", "a", "--master"])
+            .arg(format!("http://{}", api.addr))
+            .args(["--resync-period", "3s"])
+            .arg("--health-addr")
+            .arg(health.to_string())
+            .env("KR_TUNNELD_METRICS_ADDR", metrics.to_string())
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let live = wait_status(health, "/healthz", "200", 10);
+        assert_eq!(live, ("HTTP/1.0 200 OK".into(), "ok\n".into()));
+        let r = get(health, "/readyz");
+        assert_eq!(
+            r,
+            (
+                "HTTP/1.0 503 Service Unavailable".into(),
+                "waiting for the first reconcile\n".into()
+            )
+        );
+        // The health listener serves nothing else; the metrics listener serves the probes too.
+        assert!(
+            get(health, "/metrics").0.contains("404"),
+            "{:?}",
+            get(health, "/metrics")
+        );
+        assert!(get(metrics, "/readyz").0.contains("503"));
+
+        api.put_node(node_json("a", &["192.0.2.10"], &["10.244.0.0/24"]));
+        api.set_down(false);
+        let r = wait_status(health, "/readyz", "200", 30);
+        assert_eq!(r, ("HTTP/1.0 200 OK".into(), "ok\n".into()));
+        assert!(get(metrics, "/readyz?verbose").0.contains("200"));
+        assert!(get(metrics, "/metrics")
+            .1
+            .contains("kr_tunneld_reconciles_total"));
+
+        // The API server goes away (open watches cut, requests refused): not ready once it has
+        // not answered for a resync period, while the daemon stays healthy.
+        api.set_down(true);
+        let r = wait_status(health, "/readyz", "503", 30);
+        assert!(r.1.starts_with("API server not reached for "), "{r:?}");
+        assert!(get(health, "/healthz").0.contains("200"));
+        api.set_down(false);
+        assert!(wait_status(health, "/readyz", "200", 30).0.contains("200"));
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

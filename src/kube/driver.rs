@@ -135,6 +135,10 @@ pub struct WatchStats {
     skipped: AtomicU64,
     synced: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// When the API server last answered (a list page, a watch opened, watch data).
+    contact: Mutex<Option<Instant>>,
+    /// Watch streams open now.
+    streams: AtomicU64,
 }
 
 impl WatchStats {
@@ -165,6 +169,17 @@ impl WatchStats {
     /// True once the first list completed (the daemon's cache is complete).
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
+    }
+    /// When the API server last answered: a list, a watch opened, data on a watch (SPEC S-8).
+    pub fn contact(&self) -> Option<Instant> {
+        *lock(&self.contact)
+    }
+    /// Watch streams open now (kept alive by TCP keepalive, SPEC S-5).
+    pub fn open_streams(&self) -> u64 {
+        self.streams.load(Ordering::Relaxed)
+    }
+    pub(crate) fn touch(&self) {
+        *lock(&self.contact) = Some(Instant::now());
     }
     /// The last fault, e.g. `watch nodes: Connection reset by peer (os error 104)`.
     pub fn last_error(&self) -> Option<String> {
@@ -255,7 +270,10 @@ fn run<T: Resource>(
                     break;
                 }
                 match outcome {
-                    Ok(page) => m.list_decoded(page, Instant::now()),
+                    Ok(page) => {
+                        opts.stats.touch();
+                        m.list_decoded(page, Instant::now());
+                    }
                     Err(e) => m.list_failed(&e, Instant::now()),
                 }
             }
@@ -287,6 +305,8 @@ fn run<T: Resource>(
                     m.resource_version()
                 );
                 m.watch_opened(Instant::now());
+                opts.stats.touch();
+                opts.stats.streams.fetch_add(1, Ordering::Relaxed);
                 let mut body = resp.into_body().into_reader();
                 loop {
                     match body.read(&mut buf) {
@@ -295,6 +315,7 @@ fn run<T: Resource>(
                             break;
                         }
                         Ok(n) => {
+                            opts.stats.touch();
                             let flow = m.watch_data(&buf[..n], Instant::now());
                             publish(&mut m, sink, opts);
                             if flow == Flow::Stop {
@@ -311,6 +332,7 @@ fn run<T: Resource>(
                         }
                     }
                 }
+                opts.stats.streams.fetch_sub(1, Ordering::Relaxed);
             }
         }
         publish(&mut m, sink, opts);
