@@ -96,7 +96,7 @@ mod tests {
     fn verdicts_follow_beats_readiness_and_api_contact() {
         let stats = Arc::new(WatchStats::default());
         let h = Health::new(
-            Duration::from_secs(90),
+            Duration::from_secs(900),
             Duration::from_secs(300),
             stats.clone(),
         );
@@ -115,7 +115,7 @@ mod tests {
             .ready(t1 + Duration::from_secs(301))
             .unwrap_err()
             .starts_with("API server not reached for 30"));
-        let later = t0 + Duration::from_secs(100);
+        let later = t0 + Duration::from_secs(901);
         assert!(h.live(later).unwrap_err().starts_with("main loop stuck"));
         assert!(h.ready(later).unwrap_err().starts_with("main loop stuck"));
     }
