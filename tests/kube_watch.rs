@@ -751,3 +751,74 @@ fn expired_continue_token_restarts_the_list_and_nothing_is_lost() {
     assert!(w.warnings().is_empty(), "{:?}", w.warnings());
     w.finish();
 }
+
+/// `getsockopt(fd, level, name)` as an int.
+fn sockopt(fd: i32, level: libc::c_int, name: libc::c_int) -> i32 {
+    let mut v: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals the kernel writes at most `len` bytes into.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    v
+}
+
+/// The fds of this process whose TCP peer is `peer` (the client's side of its connections).
+fn sockets_to(peer: std::net::SocketAddr) -> Vec<i32> {
+    let std::net::SocketAddr::V4(peer) = peer else {
+        panic!("IPv4 only")
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: an all-zero sockaddr_in is valid; getpeername writes at most `len` bytes.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: as above; a fd that is not a socket just fails.
+        let rc =
+            unsafe { libc::getpeername(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) };
+        if rc == 0
+            && i32::from(sa.sin_family) == libc::AF_INET
+            && u16::from_be(sa.sin_port) == peer.port()
+            && u32::from_be(sa.sin_addr.s_addr) == u32::from(*peer.ip())
+        {
+            out.push(fd);
+        }
+    }
+    out
+}
+
+/// SPEC S-5: the API client's connections have TCP keepalive on, with timers that notice a
+/// half-open watch within a minute (idle + count × interval), not after timeoutSeconds + 30 s.
+#[test]
+fn api_connections_have_tcp_keepalive() {
+    let api = fake_nodes(3);
+    let mut w = Watch::<Node>::start(client(&format!("http://{}", api.addr), None), fast());
+    w.synced();
+    let fds = sockets_to(api.addr);
+    assert!(!fds.is_empty(), "no connection to the API server");
+    for fd in fds {
+        assert_eq!(
+            sockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            1,
+            "fd {fd}"
+        );
+        let idle = sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE);
+        let intvl = sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL);
+        let cnt = sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT);
+        assert!(
+            idle + cnt * intvl <= 60,
+            "fd {fd}: {idle} + {cnt} × {intvl} s"
+        );
+    }
+    w.finish();
+}

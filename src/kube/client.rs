@@ -31,11 +31,12 @@ use serde::de::DeserializeOwned;
 use ureq::http::{Response, Uri};
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::{Connector, NextTimeout, RustlsConnector};
 use ureq::{Agent, Body};
 
 use super::error::{KubeError, Secret};
 use super::settings::{ConnectionSettings, Material, TokenSource};
+use super::tcp::KeepAliveConnector;
 use super::types::{decode_list_from, ListPage, Status, READ_BUFFER};
 use super::Resource;
 
@@ -482,16 +483,19 @@ impl Client {
                     .proxy(None)
                     .user_agent(concat!("kr-tunneld/", env!("CARGO_PKG_VERSION")))
                     .build();
+                // TCP with keepalive (a dead watch is noticed within a minute, SPEC S-5),
+                // then TLS.
+                let connector = KeepAliveConnector.chain(RustlsConnector::default());
                 let agent = match &self.pinned {
                     Some(real) => Agent::with_parts(
                         config,
-                        DefaultConnector::default(),
+                        connector,
                         PinnedResolver {
                             real: real.clone(),
                             inner: DefaultResolver::default(),
                         },
                     ),
-                    None => Agent::new_with_config(config),
+                    None => Agent::with_parts(config, connector, DefaultResolver::default()),
                 };
                 // The old agent, if any, is dropped here; a request still running on a clone
                 // of it finishes with the old material.

@@ -10,6 +10,7 @@
 //!   updates and "list now / watch now / wait until" out;
 //! * [`settings`] (shell, files only): [`ConnectionSettings::resolve`];
 //! * [`client`] (shell): [`Client`], one HTTP request per call, credentials re-read on change;
+//! * [`tcp`] (shell): the client's TCP transport, with keepalive (SPEC S-5);
 //! * [`driver`] (shell): [`spawn_watch`], the thread that feeds the state machine.
 //!
 //! The daemon sees only [`Update`]s: a [`Update::Replace`] after every successful (re)list, then
@@ -21,6 +22,7 @@ pub mod driver;
 pub mod error;
 pub mod kubeconfig;
 pub mod settings;
+pub mod tcp;
 pub mod types;
 pub mod watch;
 
