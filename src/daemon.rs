@@ -467,7 +467,7 @@ impl<K: Kernel> Daemon<K> {
         };
         let mut problems = Vec::new();
         let dsr_pods = self.dsr_pass(&actual, &mut desired, &mut problems, false);
-        let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
+        let mut plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
         problems.extend(plan.clashes.iter().cloned());
         let mut failed = Vec::new();
         if self.cfg.dry_run {
@@ -477,6 +477,11 @@ impl<K: Kernel> Daemon<K> {
                 log::debug!("plan: {op}");
             }
         } else if !plan.ops.is_empty() {
+            if let Err(e) = self.record_fou_first(&plan.ops) {
+                // Opening a port we could not record would leak it (SPEC S-1, R-3).
+                problems.push(e);
+                plan.ops.retain(|op| !matches!(op, Op::AddFouPort(_)));
+            }
             failed = self.kernel.apply(&own, &plan.ops);
             let failed_idx: BTreeSet<usize> = failed.iter().map(|(i, _)| *i).collect();
             self.track_fou(&plan.ops, &failed_idx);
@@ -654,19 +659,43 @@ impl<K: Kernel> Daemon<K> {
         Some(p.pods)
     }
 
+    /// Record the FOU ports `ops` will open before they are opened (SPEC S-1, R-3): a kill -9
+    /// between the two then cannot leak a port. `Err` (with the message) when the record cannot
+    /// be written: then the ports must not be opened.
+    fn record_fou_first(&mut self, ops: &[Op]) -> Result<(), String> {
+        let before = self.owned_fou.len();
+        for op in ops {
+            if let Op::AddFouPort(p) = op {
+                self.owned_fou.insert(*p);
+            }
+        }
+        if self.owned_fou.len() == before {
+            return Ok(());
+        }
+        let path = fou_state_path(&self.cfg.state_dir);
+        write_fou_state(&path, &self.owned_fou).map_err(|e| {
+            format!(
+                "cannot record owned FOU ports in {}: {e}; not opening FOU ports",
+                path.display()
+            )
+        })
+    }
+
     /// Remember the FOU ports we opened or closed, in memory and in the state directory, so a
-    /// later run closes only ports it opened (they carry no owner mark in the kernel).
+    /// later run closes only ports it opened (they carry no owner mark in the kernel). Ports to
+    /// open were recorded before (see [`Daemon::record_fou_first`]); those that failed to open
+    /// are dropped from the record again.
     fn track_fou(&mut self, ops: &[Op], failed: &BTreeSet<usize>) {
         let before = self.owned_fou.clone();
         for (i, op) in ops.iter().enumerate() {
-            if failed.contains(&i) {
-                continue;
-            }
             match op {
+                Op::AddFouPort(p) if failed.contains(&i) => {
+                    self.owned_fou.remove(p);
+                }
                 Op::AddFouPort(p) => {
                     self.owned_fou.insert(*p);
                 }
-                Op::DelFouPort(p) => {
+                Op::DelFouPort(p) if !failed.contains(&i) => {
                     self.owned_fou.remove(p);
                 }
                 _ => {}
@@ -879,15 +908,7 @@ fn write_fou_state(path: &Path, ports: &BTreeSet<FouPort>) -> std::io::Result<()
     write_atomic(path, text.as_bytes())
 }
 
-/// Write a file by rename, creating its directory.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
-}
+pub use crate::statefile::write_atomic;
 
 /// How the loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1308,6 +1329,94 @@ mod tests {
         let o = d.reconcile(Instant::now()).unwrap();
         assert_eq!(o.planned, 0);
         assert_eq!(d.kernel().state.links.len(), 3);
+    }
+
+    /// SPEC S-4: a local Node that is present but has no usable address (a cloud controller
+    /// re-initialising it) is a missing local Node: the kernel stays as it is, one warning.
+    #[test]
+    fn local_node_without_addresses_changes_nothing() {
+        let mut d = daemon(&["--overlay-encap=fou"]);
+        d.on_nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ]));
+        d.reconcile(Instant::now()).unwrap();
+        let before = d.kernel().state.clone();
+        for bare in [
+            r#"{"metadata":{"name":"a"},"spec":{"podCIDR":"10.0.0.0/24"},"status":{"addresses":[]}}"#,
+            r#"{"metadata":{"name":"a"},"spec":{"podCIDR":"10.0.0.0/24"},
+                "status":{"addresses":[{"type":"Hostname","address":"a"},
+                                       {"type":"InternalIP","address":"not-an-ip"}]}}"#,
+        ] {
+            d.on_nodes(Update::Upsert(serde_json::from_str(bare).unwrap()));
+            let o = d.reconcile(Instant::now()).unwrap();
+            assert_eq!(o.planned, 0, "{bare}: {}", o.summary);
+            assert_eq!(d.kernel().state, before, "{bare}");
+        }
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
+    }
+
+    /// A kernel that notes what the FOU record says when a FOU port is opened.
+    struct RecordSpy {
+        inner: FakeKernel,
+        record: PathBuf,
+        seen: Vec<String>,
+    }
+
+    impl Kernel for RecordSpy {
+        fn read(&mut self, own: &crate::model::Ownership) -> Result<Actual, KernelError> {
+            self.inner.read(own)
+        }
+        fn apply(
+            &mut self,
+            own: &crate::model::Ownership,
+            ops: &[Op],
+        ) -> Vec<(usize, KernelError)> {
+            if ops.iter().any(|o| matches!(o, Op::AddFouPort(_))) {
+                self.seen
+                    .push(std::fs::read_to_string(&self.record).unwrap_or_default());
+            }
+            self.inner.apply(own, ops)
+        }
+        fn links_named(&mut self, names: &[&str]) -> Result<Vec<Link>, KernelError> {
+            self.inner.links_named(names)
+        }
+    }
+
+    /// SPEC S-1, R-3: a FOU port is in the record before it is opened, so a kill -9 between
+    /// the two cannot leak it; a port that could not be opened leaves the record again.
+    #[test]
+    fn fou_port_is_recorded_before_it_is_opened() {
+        let mut c = crate::testutil::config(&["--overlay-encap=fou"]);
+        c.state_dir = std::env::temp_dir().join(format!(
+            "krt-daemon-fourec-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let record = fou_state_path(&c.state_dir);
+        let spy = RecordSpy {
+            inner: FakeKernel::with(crate::testutil::host(false)),
+            record: record.clone(),
+            seen: Vec::new(),
+        };
+        let mut d = Daemon::new(c, "a".into(), spy, Box::new(std::io::sink()));
+        d.on_nodes(Update::Replace(vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("b", "172.16.0.2", "10.1.0.0/24"),
+        ]));
+        d.reconcile(Instant::now()).unwrap();
+        assert_eq!(d.kernel().seen, ["ipv4 5555\n"]);
+        assert_eq!(d.kernel().inner.state.fou.len(), 1);
+        // A port the kernel refuses to open is not kept in the record.
+        d.cfg.overlay.port = 6000;
+        d.kernel().inner.fail_prefix = Some("add fou port ipv4 6000".into());
+        d.request_full();
+        d.reconcile(Instant::now()).unwrap();
+        assert_eq!(d.kernel().seen[1], "ipv4 5555\nipv4 6000\n");
+        // 5555 is closed (no longer wanted), 6000 never opened: neither stays recorded.
+        assert!(d.kernel().inner.state.fou.is_empty());
+        assert_eq!(std::fs::read_to_string(&record).unwrap(), "");
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
     }
 
     /// An IPVS fake the test can still look at after handing it to the daemon.

@@ -21,6 +21,7 @@ pub mod netlink;
 pub mod nodes;
 pub mod podns;
 pub mod reconcile;
+pub mod statefile;
 pub mod systemd;
 #[cfg(test)]
 mod testutil;

@@ -51,6 +51,13 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cfg.log_level);
+    if cfg.command != Command::Status {
+        // SPEC S-1: the records decide what gets deleted; refuse a directory others control.
+        if let Err(e) = kr_tunneld::statefile::check_state_dir(&cfg.state_dir) {
+            log::error!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     match cfg.command {
         Command::Run => run(cfg),
         Command::Cleanup => cleanup(cfg),

@@ -132,11 +132,15 @@ pub struct Parsed {
     pub addrs: Vec<(String, IpAddr)>,
     /// Pod CIDRs, normalised, de-duplicated, in order.
     pub cidrs: Vec<IpNet>,
+    /// Some pod CIDR (or the whole annotation) was refused with a diagnostic already: "no pod
+    /// CIDR" would only repeat it (issue 12).
+    pub refused: bool,
 }
 
 /// Parse a node's addresses and pod CIDRs (SPEC N-2, N-3). Bad entries are skipped with a
 /// diagnostic; they never affect other nodes.
 pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
+    let mut refused = false;
     let mut warn = |msg: String| {
         diags.push(Diag {
             node: n.name.clone(),
@@ -157,12 +161,12 @@ pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
         }
     }
     let (source, raw): (&str, Vec<String>) = if let Some(v) = n.annotations.get(ANN_POD_CIDRS) {
-        (ANN_POD_CIDRS, split_annotation(v, &mut warn))
+        (ANN_POD_CIDRS, split_annotation(v, &mut warn, &mut refused))
     } else if let Some(v) = n.annotations.get(ANN_POD_CIDR) {
         warn(format!(
             "annotation {ANN_POD_CIDR} is deprecated, use {ANN_POD_CIDRS}"
         ));
-        (ANN_POD_CIDR, split_annotation(v, &mut warn))
+        (ANN_POD_CIDR, split_annotation(v, &mut warn, &mut refused))
     } else if !n.pod_cidrs.is_empty() {
         ("spec.podCIDRs", n.pod_cidrs.clone())
     } else {
@@ -180,9 +184,12 @@ pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
                     cidrs.push(net.trunc());
                 }
             }
-            Ok(net) if net.prefix_len() == 0 => warn(format!(
-                "ignoring pod CIDR '{s}' from {source}: a default route is not a pod CIDR"
-            )),
+            Ok(net) if net.prefix_len() == 0 => {
+                refused = true;
+                warn(format!(
+                    "ignoring pod CIDR '{s}' from {source}: a default route is not a pod CIDR"
+                ))
+            }
             Ok(net) => {
                 if cidrs.contains(&net) {
                     warn(format!("ignoring duplicate pod CIDR '{s}' from {source}"));
@@ -190,21 +197,26 @@ pub fn parse_node(n: &NodeInfo, diags: &mut Vec<Diag>) -> Parsed {
                     cidrs.push(net);
                 }
             }
-            Err(_) => warn(format!(
-                "ignoring pod CIDR '{}' from {source}: not a CIDR",
-                short(&s)
-            )),
+            Err(_) => {
+                refused = true;
+                warn(format!(
+                    "ignoring pod CIDR '{}' from {source}: not a CIDR",
+                    short(&s)
+                ))
+            }
         }
     }
     Parsed {
         name: n.name.clone(),
         addrs,
         cidrs,
+        refused,
     }
 }
 
-fn split_annotation(v: &str, warn: &mut impl FnMut(String)) -> Vec<String> {
+fn split_annotation(v: &str, warn: &mut impl FnMut(String), refused: &mut bool) -> Vec<String> {
     if v.len() > MAX_ANNOTATION {
+        *refused = true;
         warn(format!(
             "ignoring pod CIDR annotation of {} bytes (limit {MAX_ANNOTATION})",
             v.len()
@@ -370,6 +382,21 @@ impl Context {
             return None;
         };
         let me = parse_node(me, diags);
+        // SPEC S-4: a local Node without a usable address of an enabled family (a cloud
+        // controller re-initialising it) says nothing about what should exist: like a missing one.
+        let usable = |f: Family| match f {
+            Family::V4 => cfg.ipv4,
+            Family::V6 => cfg.ipv6,
+        };
+        if !me.addrs.iter().any(|(_, ip)| usable(Family::of(ip))) {
+            diags.push(Diag {
+                node: local.to_string(),
+                msg: "local node has no usable InternalIP/ExternalIP address; keeping the kernel \
+                      state as it is"
+                    .into(),
+            });
+            return None;
+        }
         let own_links: BTreeSet<u32> = actual
             .links
             .iter()
@@ -513,7 +540,7 @@ impl Context {
             .copied()
             .collect();
         if cidrs.is_empty() {
-            if !p.cidrs.iter().any(|c| Family::of_net(c) == family) {
+            if !p.refused && !p.cidrs.iter().any(|c| Family::of_net(c) == family) {
                 diags.push(Diag {
                     node: p.name.clone(),
                     msg: format!("no {family} pod CIDR: nothing to route"),
@@ -1053,6 +1080,11 @@ mod tests {
         huge.annotations
             .insert(ANN_POD_CIDRS.into(), "10.1.0.0/24,".repeat(1000));
         nodes.push(huge);
+        let mut notcidr = node("notcidr", &[("InternalIP", "192.168.2.34")], &[]);
+        notcidr
+            .annotations
+            .insert(ANN_POD_CIDRS.into(), "not-a-cidr".into());
+        nodes.push(notcidr);
         let cfg = overlay_of(&[]);
         let mut diags = vec![];
         let d = desired("a", &nodes, &crate::testutil::host(true), &cfg, &mut diags).unwrap();
@@ -1063,8 +1095,9 @@ mod tests {
         assert_eq!(by("thief"), 1);
         assert_eq!(by("me-too"), 1);
         assert_eq!(by("dup"), 1);
-        assert_eq!(by("huge"), 2); // annotation too long, then no pod CIDR
-                                   // The good peers are unaffected.
+        assert_eq!(by("huge"), 1); // annotation too long (not also "no pod CIDR")
+        assert_eq!(by("notcidr"), 1, "{diags:?}"); // issue 12: one warning, not two
+                                                   // The good peers are unaffected.
         assert!(modes(&d).contains(&("c".into(), Family::V4, "tunnel".into())));
         assert!(modes(&d).contains(&("dup".into(), Family::V4, "tunnel".into())));
         // No route for our own CIDR, nor for anything from the bad nodes.

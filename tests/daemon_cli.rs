@@ -73,6 +73,35 @@ mod tests {
         assert!(String::from_utf8_lossy(&o.stderr).contains("--no-such-flag"));
     }
 
+    /// SPEC S-1: a state directory others can write (or not owned by root) is refused before
+    /// anything else, with one error naming it and exit code 2, by `run` and by `cleanup`
+    /// (whose deletions its records decide).
+    #[test]
+    fn unsafe_state_dir_is_refused_with_exit_2() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("krt-cli-statedir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let d = dir.display().to_string();
+        for cmd in [
+            &["--hostname-override", "a", "--master", "http://127.0.0.1:1"][..],
+            &["cleanup"],
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend(["--state-dir", d.as_str()]);
+            let o = kr(&args);
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{cmd:?}: {e}");
+            let errs: Vec<&str> = e
+                .lines()
+                .filter(|l| l.contains("state directory"))
+                .collect();
+            assert_eq!(errs.len(), 1, "{e}");
+            assert!(errs[0].contains(&d), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Collects notify datagrams until `want` is seen or the deadline passes.
     fn wait_notify(sock: &UnixDatagram, seen: &mut Vec<String>, want: &str, secs: u64) -> bool {
         let end = Instant::now() + Duration::from_secs(secs);

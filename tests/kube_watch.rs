@@ -414,6 +414,35 @@ fn gone_410_on_list() {
     w.finish();
 }
 
+/// SPEC S-4: a 200 whose body is a `Status` (a proxy or an aggregation layer answering for the
+/// API server) is an error: no empty list replaces the cache, the list is retried, one warning.
+#[test]
+fn list_answered_200_with_a_status_is_an_error_not_an_empty_list() {
+    let server = nodes_server(&["a", "b"]);
+    for body in [
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"no endpoints available","code":503}"#,
+        r#"{"metadata":{},"error":"upstream connect error"}"#,
+    ] {
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        server.script(Kind::List, Fault::Raw(raw.into_bytes()));
+    }
+    let mut w = Watch::<Node>::start(client(&server.url(), None), fast());
+    w.synced();
+    assert_eq!(
+        w.mirror.replaces, 1,
+        "only the real list replaced the cache"
+    );
+    assert_eq!(w.mirror.keys(), ["a", "b"]);
+    let warns = w.warnings();
+    assert_eq!(warns.len(), 1, "{warns:?}");
+    assert!(warns[0].contains("expected a NodeList"), "{warns:?}");
+    w.finish();
+}
+
 #[test]
 fn list_cut_mid_body_is_a_transport_fault_and_relists() {
     // The list body is decoded as it arrives: a cut in the middle of it must still be a

@@ -908,8 +908,12 @@ mod tests {
             matches!(&e, KubeError::Decode { what, .. } if what == "list nodes response"),
             "{e:?}"
         );
-        let e = read_list::<Node>("list nodes", response(&br#"{"items":[]}"#[..]), 1 << 20)
-            .unwrap_err();
+        let e = read_list::<Node>(
+            "list nodes",
+            response(&br#"{"kind":"NodeList","items":[]}"#[..]),
+            1 << 20,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no metadata in list"), "{e}");
         // Trailing garbage after the list.
         let mut extra = body.to_vec();

@@ -559,8 +559,17 @@ struct ListMeta {
 #[derive(Deserialize)]
 #[serde(bound = "T: Resource")]
 struct ListEnvelope<T> {
+    kind: Option<String>,
     metadata: Option<ListMeta>,
+    /// `None` only when the field is missing (`null` is an empty list).
+    #[serde(default, deserialize_with = "present")]
     items: Option<LenientSeq<T>>,
+}
+
+fn present<'de, D: Deserializer<'de>, T: Resource>(
+    d: D,
+) -> Result<Option<LenientSeq<T>>, D::Error> {
+    LenientSeq::deserialize(d).map(Some)
 }
 
 /// Decodes one JSON text from `source` (all of it: only whitespace may follow). Every JSON
@@ -598,19 +607,33 @@ pub fn decode_list_from<T: Resource>(
     buffer: usize,
 ) -> Result<ListPage<T>, serde_json::Error> {
     let env: ListEnvelope<T> = from_source(source, buffer)?;
+    let bad = |m: String| <serde_json::Error as de::Error>::custom(m);
+    // SPEC S-4: only a list of this kind (or a generic `List`) may replace the cache; a
+    // `Status` or a proxy's JSON error that slipped through with a 200 is an error.
+    match env.kind.as_deref() {
+        Some(k) if k == "List" || k.strip_suffix("List") == Some(T::KIND) => {}
+        other => {
+            return Err(bad(format!(
+                "expected a {}List, got kind {}",
+                T::KIND,
+                other.unwrap_or("(none)")
+            )))
+        }
+    }
     let meta = env
         .metadata
-        .ok_or_else(|| <serde_json::Error as de::Error>::custom("no metadata in list"))?;
-    let mut items = Vec::new();
+        .ok_or_else(|| bad("no metadata in list".into()))?;
+    let items = env.items.ok_or_else(|| bad("no items in list".into()))?;
     let mut skipped = Vec::new();
-    for r in env.items.map(|s| s.0).unwrap_or_default() {
+    let mut items_out = Vec::new();
+    for r in items.0 {
         match r {
-            Ok(obj) => items.push(obj),
+            Ok(obj) => items_out.push(obj),
             Err(s) => skipped.push(s),
         }
     }
     Ok(ListPage {
-        items,
+        items: items_out,
         skipped,
         resource_version: meta.resource_version,
         continue_token: meta.continue_token,
@@ -654,6 +677,19 @@ struct RawEvent {
 pub fn decode_event<T: Resource>(line: &[u8]) -> Result<WatchEvent<T>, String> {
     let raw: RawEvent =
         from_source(&mut &line[..], line.len().min(READ_BUFFER)).map_err(|e| e.to_string())?;
+    // SPEC S-4: an object of another kind is not an event of this watch (a proxy or a broken
+    // server); the stream cannot be trusted, and the cache must not change.
+    if matches!(raw.type_.as_str(), "ADDED" | "MODIFIED" | "DELETED") {
+        if let Some(k) = raw.object.get("kind").and_then(Value::as_str) {
+            if k != T::KIND {
+                return Err(format!(
+                    "{} event of a {k}, expected a {}",
+                    raw.type_,
+                    T::KIND
+                ));
+            }
+        }
+    }
     let object = |ev: fn(T) -> WatchEvent<T>| match decode_object::<T>(&raw.object) {
         Ok(obj) => ev(obj),
         Err(skipped) => WatchEvent::Skipped {
@@ -977,9 +1013,50 @@ mod tests {
     fn list_that_is_not_a_list_is_an_error() {
         assert!(decode_list::<Node>(b"<html>").is_err());
         assert!(decode_list::<Node>(br#"{"items":[]}"#).is_err());
-        let p =
-            decode_list::<Node>(br#"{"metadata":{"resourceVersion":"1"},"items":null}"#).unwrap();
+        let p = decode_list::<Node>(
+            br#"{"kind":"NodeList","metadata":{"resourceVersion":"1"},"items":null}"#,
+        )
+        .unwrap();
         assert!(p.items.is_empty());
+    }
+
+    /// SPEC S-4: an HTTP 200 whose body is not a list of the expected kind (a `Status`, a
+    /// proxy's JSON error, a list of something else, no `items`) is an error, never an empty
+    /// list that would empty the cache.
+    #[test]
+    fn reply_that_is_not_a_list_of_the_kind_is_an_error() {
+        for body in [
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","code":500}"#,
+            r#"{"error":"upstream connect error","metadata":{}}"#,
+            r#"{"kind":"NodeList","apiVersion":"v1","metadata":{"resourceVersion":"5"}}"#,
+            r#"{"kind":"ServiceList","metadata":{"resourceVersion":"5"},"items":[]}"#,
+            r#"{"metadata":{"resourceVersion":"5"},"items":[]}"#,
+        ] {
+            assert!(decode_list::<Node>(body.as_bytes()).is_err(), "{body}");
+        }
+        for body in [
+            r#"{"kind":"NodeList","metadata":{"resourceVersion":"5"},"items":[]}"#,
+            r#"{"kind":"NodeList","metadata":{"resourceVersion":"5"},"items":null}"#,
+            r#"{"kind":"List","metadata":{"resourceVersion":"5"},"items":[]}"#,
+        ] {
+            let page = decode_list::<Node>(body.as_bytes()).unwrap();
+            assert!(
+                page.items.is_empty() && page.resource_version == "5",
+                "{body}"
+            );
+        }
+        // A watch event whose object is of another kind is not an event of this watch.
+        for line in [
+            r#"{"type":"DELETED","object":{"kind":"Service","metadata":{"name":"n1","namespace":"x"}}}"#,
+            r#"{"type":"ADDED","object":{"kind":"Status","metadata":{"name":"n1"},"code":500}}"#,
+        ] {
+            assert!(decode_event::<Node>(line.as_bytes()).is_err(), "{line}");
+        }
+        let ok = r#"{"type":"DELETED","object":{"kind":"Node","metadata":{"name":"n1"}}}"#;
+        assert!(matches!(
+            decode_event::<Node>(ok.as_bytes()),
+            Ok(WatchEvent::Deleted(_))
+        ));
     }
 
     #[test]

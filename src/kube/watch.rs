@@ -1316,7 +1316,7 @@ mod tests {
             t0,
         );
         m.next(t0);
-        let body = r#"{"metadata":{"resourceVersion":"9"},"items":[{"metadata":{"name":"a","resourceVersion":"9"},"spec":{"podCIDRs":"x"}},{"metadata":{"name":"z","resourceVersion":"9"},"spec":{"podCIDRs":"x"}}]}"#;
+        let body = r#"{"kind":"NodeList","metadata":{"resourceVersion":"9"},"items":[{"metadata":{"name":"a","resourceVersion":"9"},"spec":{"podCIDRs":"x"}},{"metadata":{"name":"z","resourceVersion":"9"},"spec":{"podCIDRs":"x"}}]}"#;
         m.list_page(body.as_bytes(), t0);
         let out = m.take_output();
         assert_eq!(
