@@ -8,6 +8,7 @@
 //!   [`apply`], [`podns`], [`systemd`], [`daemon`] and `main.rs`.
 
 pub mod apply;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod daemon;
