@@ -261,6 +261,71 @@ pub const FLAGS: &[Flag] = &[
         "priority of the 'to <VIP> ipproto P dport N' rules"
     ),
     flag!(
+        "enable-ibgp",
+        Bool,
+        "BOOL",
+        "false",
+        "BGP",
+        "join a kube-router cluster: iBGP sessions with the other nodes, announcing this node's pod CIDRs"
+    ),
+    flag!(
+        "cluster-asn",
+        Value,
+        "ASN",
+        "64512",
+        "BGP",
+        "the cluster's AS (64512-65535 or 4200000000-4294967294)"
+    ),
+    flag!("bgp-port", Value, "PORT", "179", "BGP", "BGP port, the same on every node"),
+    flag!(
+        "bgp-holdtime",
+        Value,
+        "DURATION",
+        "90s",
+        "BGP",
+        "hold time offered (3s to 18h12m15s; keepalives at a third)"
+    ),
+    flag!(
+        "bgp-graceful-restart",
+        Bool,
+        "BOOL",
+        "false",
+        "BGP",
+        "graceful restart: peers keep our routes while kr-tunneld restarts"
+    ),
+    flag!(
+        "bgp-graceful-restart-time",
+        Value,
+        "DURATION",
+        "90s",
+        "BGP",
+        "how long peers keep our routes (at most 4095s)"
+    ),
+    flag!(
+        "router-id",
+        Value,
+        "IPV4|generate",
+        "",
+        "BGP",
+        "BGP identifier (default: the node's IPv4 address; required on IPv6-only nodes)"
+    ),
+    flag!(
+        "nodes-full-mesh",
+        Bool,
+        "BOOL",
+        "true",
+        "BGP",
+        "peer with every node (else only nodes with the same kube-router.io/node.asn)"
+    ),
+    flag!(
+        "advertise-pod-cidr",
+        Bool,
+        "BOOL",
+        "true",
+        "BGP",
+        "kube-router's flag, for external peers; iBGP peers always get the pod CIDRs"
+    ),
+    flag!(
         "metrics-addr",
         Value,
         "ADDR:PORT",

@@ -109,6 +109,8 @@ pub struct Config {
     pub once: bool,
     /// `--log-level`.
     pub log_level: Option<log::LevelFilter>,
+    /// BGP settings (SPEC B-1).
+    pub bgp: crate::bgp::Settings,
 }
 
 /// A configuration error: names the flag or variable and the bad value.
@@ -169,7 +171,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
-fn parse_bool(s: &str) -> Option<bool> {
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
         "false" | "0" | "no" | "off" => Some(false),
@@ -390,6 +392,7 @@ impl Config {
             dry_run: v.bool("dry-run")?,
             once: v.bool("once")?,
             log_level,
+            bgp: crate::bgp::Settings::from_args(args)?,
         })
     }
 }

@@ -20,7 +20,7 @@ use kr_tunneld::kube::{
 use kr_tunneld::netlink::ipvs::IpvsSocket;
 use kr_tunneld::netlink::kernel::NetlinkKernel;
 use kr_tunneld::systemd::{self, Notifier};
-use kr_tunneld::{dsr, podns};
+use kr_tunneld::{bgp, dsr, podns};
 use kr_tunneld::{logging, metrics};
 
 /// Exit code for usage and configuration errors.
@@ -138,6 +138,7 @@ struct MainHooks {
     stats: Arc<WatchStats>,
     watchdog: bool,
     health: Arc<Health>,
+    bgp: Option<Arc<Mutex<String>>>,
 }
 
 impl MainHooks {
@@ -145,7 +146,10 @@ impl MainHooks {
         let mut m = m.clone();
         m.watch_restarts = self.stats.restarts();
         m.relists = self.stats.relists();
-        let text = m.render();
+        let mut text = m.render();
+        if let Some(b) = &self.bgp {
+            text.push_str(&bgp::speaker::lock(b));
+        }
         if let Some(path) = &self.metrics_file {
             if let Err(e) = daemon::write_atomic(path, text.as_bytes()) {
                 log::warn!("cannot write metrics to {}: {e}", path.display());
@@ -249,10 +253,15 @@ fn run(cfg: Config) -> ExitCode {
         ..WatchOptions::default()
     };
     let node_tx = tx.clone();
+    let (bgp_feed, bgp_inbox) = bgp::speaker::channel_pair();
+    let node_bgp = cfg.bgp.enabled.then(|| bgp_feed.clone());
     kube::spawn_watch::<Node>(
         client.clone(),
         opts.clone(),
         move |u| {
+            if let Some(f) = &node_bgp {
+                f.nodes(&u);
+            }
             // The receiver only goes away when the main loop has ended.
             let _ = node_tx.send(Event::Nodes(u));
         },
@@ -325,6 +334,18 @@ fn run(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let speaker = if cfg.bgp.enabled {
+        match bgp::speaker::Speaker::start(&cfg, local.clone(), &bgp_feed, bgp_inbox, page.clone())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("bgp: cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let mut hooks = MainHooks {
         notifier: Notifier::from_env(),
         ready: false,
@@ -333,6 +354,7 @@ fn run(cfg: Config) -> ExitCode {
         stats,
         watchdog: watchdog.is_some(),
         health,
+        bgp: speaker.as_ref().map(|s| s.metrics_page()),
     };
     let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
     let mut d = Daemon::new(cfg, local, kernel, out);
@@ -341,6 +363,9 @@ fn run(cfg: Config) -> ExitCode {
     }
     let exit = daemon::run_loop(&mut d, &rx, &mut hooks, Some(alive_every));
     stop.trigger();
+    if let Some(s) = speaker {
+        s.stop();
+    }
     log::info!("stopped; tunnels, routes and rules stay in place");
     match exit {
         Exit::Clean => ExitCode::SUCCESS,
@@ -391,6 +416,9 @@ fn status(cfg: Config) -> ExitCode {
             "\nno peer table in {} (daemon not running?)",
             cfg.state_dir.display()
         ),
+    }
+    if let Ok(t) = std::fs::read_to_string(cfg.state_dir.join("bgp")) {
+        print!("\n{t}");
     }
     ExitCode::SUCCESS
 }

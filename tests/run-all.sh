@@ -50,6 +50,11 @@ if ! command -v openssl >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt
   echo "=== installing openssl for the TLS tests"
   apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends openssl >/dev/null
 fi
+# gobgpd and bird2 are the real BGP peers of tests/bgp_peers.rs (kube-router embeds GoBGP).
+if ! { command -v gobgpd && command -v bird; } >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  echo "=== installing gobgpd and bird2 for the BGP peer tests"
+  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends gobgpd bird2 >/dev/null
+fi
 
 phase cargo-test cargo test
 if [[ ${KRT_SKIP_KERNEL_TESTS:-0} == 1 ]]; then

@@ -26,6 +26,8 @@ mod fakeapi;
 mod e2e;
 // The binary without root: flags, exit codes, dry run with sd_notify, token never logged.
 mod daemon_cli;
+// The BGP speaker against Debian's gobgpd and bird2 on loopback (installed by run-all.sh).
+mod bgp_peers;
 // DSR end to end through the real daemon: director, pod receiver, client (root; #[ignore]d).
 mod e2e_dsr;
 // DSR against a real kernel: IPVS via our netlink vs ipvsadm, pod receivers, end to end (root; #[ignore]d).

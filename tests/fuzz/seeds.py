@@ -134,6 +134,17 @@ users:
     for name, text in kc.items():
         put("kubeconfig", name, text.encode())
 
+    # BGP: the golden messages of src/bgp/codec/tests.rs (GoBGP's and ours), framed, one per
+    # seed, and all of them as one session stream.
+    def bgp(ty, body):
+        return b"\xff" * 16 + struct.pack(">HB", 19 + len(body), ty) + body
+    stream = b""
+    for name, body in arrays(os.path.join(ROOT, "src", "bgp", "codec", "tests.rs")):
+        msg = bgp(1 if "open" in name else 2, body)
+        put("bgp", name, msg)
+        stream += msg + (bgp(4, b"") if "open" in name else b"")
+    put("bgp", "session", stream + bgp(5, b"\x00\x01\x00\x01") + bgp(3, b"\x06\x02"))
+
 
 if __name__ == "__main__":
     main()

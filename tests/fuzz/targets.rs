@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ipvs", ipvs_msgs),
     ("genl_ctrl", genl_ctrl),
     ("podns", podns),
+    ("bgp", bgp),
 ];
 
 fn sink<T: std::fmt::Debug>(v: &T) {
@@ -228,4 +229,67 @@ pub fn podns(data: &[u8]) {
     let names: HashMap<u32, String> = [(2, "eth0".to_string())].into_iter().collect();
     sink(&kr_tunneld::podns::parse_route(data, 157, &names));
     sink(&kr_tunneld::podns::parse_netconf_all_rp_filter(data));
+}
+
+/// A BGP byte stream as a peer sends it: framed and decoded as the speaker's reader does
+/// (AS_PATH width from the OPEN), every message fed to a session machine that is past
+/// OpenSent, decoded UPDATEs re-encoded and decoded again.
+pub fn bgp(data: &[u8]) {
+    use kr_tunneld::bgp::codec;
+    use kr_tunneld::bgp::session::{Event, Local, Peer, Routes};
+    let now = Instant::now();
+    let local = Local {
+        asn: 64512,
+        id: std::net::Ipv4Addr::new(10, 0, 0, 1),
+        hold: 90,
+        gr_time: Some(90),
+        families: vec![Family::V4, Family::V6],
+    };
+    let routes = Routes {
+        nets: vec!["10.244.0.0/24".parse().unwrap()],
+        nh4: Some(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+        nh6: None,
+    };
+    let mut peer = Peer::new("10.0.0.2".parse().unwrap(), "fuzz", 64512, now);
+    sink(&peer.handle(Event::Tick, &local, &routes, now));
+    sink(&peer.handle(
+        Event::Connected {
+            conn: 1,
+            outgoing: true,
+        },
+        &local,
+        &routes,
+        now,
+    ));
+    let mut rest = data;
+    let mut as4 = true;
+    while let Ok(Some(n)) = codec::frame_len(rest) {
+        if rest.len() < n {
+            break;
+        }
+        let m = codec::decode(&rest[..n], as4);
+        rest = &rest[n..];
+        let ev = match m {
+            Ok(m) => {
+                if let codec::Msg::Open(o) = &m {
+                    as4 = o.as4;
+                    sink(&codec::encode_open(o));
+                }
+                if let codec::Msg::Update(u) = &m {
+                    let b = codec::encode_update(u, as4);
+                    if b.len() <= codec::MAX {
+                        sink(&codec::decode(&b, as4));
+                    }
+                }
+                Event::Received(1, m)
+            }
+            Err(e) => {
+                black_box(e.to_string());
+                Event::Malformed(1, e)
+            }
+        };
+        sink(&peer.handle(ev, &local, &routes, now));
+    }
+    sink(&peer.set_routes(&routes));
+    sink(&peer.stop(None, now));
 }
