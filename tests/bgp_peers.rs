@@ -35,6 +35,22 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// This host's first global IPv6 address.
+fn host_ipv6() -> Option<std::net::Ipv6Addr> {
+    let out = Command::new("ip")
+        .args(["-6", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// This host's first global IPv4 address (not loopback: GoBGP treats a loopback next hop as
 /// invalid and withdraws the path).
 fn host_ipv4() -> Option<Ipv4Addr> {
@@ -101,11 +117,23 @@ impl Drop for Proc {
 /// peer's primary IP, remote port = the cluster's BGP port, graceful restart with MP-GR for
 /// ipv4-unicast. Debian's 3.10 wants the peer AS in its file (kube-router leaves it 0).
 pub fn gobgp_config(me: &str, peer: Ipv4Addr, port: u16, hold: u16) -> String {
-    format!(
+    gobgp_config_full(me, peer, port, port, hold, false)
+}
+
+/// [`gobgp_config`] with gobgpd listening on `listen` and, with `v6`, ipv6-unicast too.
+pub fn gobgp_config_full(
+    me: &str,
+    peer: Ipv4Addr,
+    listen: u16,
+    port: u16,
+    hold: u16,
+    v6: bool,
+) -> String {
+    let mut c = format!(
         r#"[global.config]
   as = 64512
   router-id = "{me}"
-  port = {port}
+  port = {listen}
   local-address-list = ["{me}"]
 [[neighbors]]
   [neighbors.config]
@@ -128,7 +156,18 @@ pub fn gobgp_config(me: &str, peer: Ipv4Addr, port: u16, hold: u16) -> String {
       enabled = true
 "#,
         ka = (hold / 3).max(1)
-    )
+    );
+    if v6 {
+        c.push_str(
+            r#"  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
+    [neighbors.afi-safis.mp-graceful-restart.config]
+      enabled = true
+"#,
+        );
+    }
+    c
 }
 
 struct Gobgp {
@@ -138,9 +177,13 @@ struct Gobgp {
 
 impl Gobgp {
     fn start(dir: &Path, me: &str, peer: Ipv4Addr, port: u16, hold: u16) -> Gobgp {
+        Gobgp::start_with(dir, port, &gobgp_config(me, peer, port, hold))
+    }
+
+    fn start_with(dir: &Path, port: u16, config: &str) -> Gobgp {
         let api = port + 20000;
         let conf = dir.join("gobgpd.toml");
-        std::fs::write(&conf, gobgp_config(me, peer, port, hold)).expect("write config");
+        std::fs::write(&conf, config).expect("write config");
         let log = std::fs::File::create(dir.join("gobgpd.log")).expect("log");
         let p = Command::new("gobgpd")
             .arg("-f")
@@ -178,14 +221,19 @@ impl Gobgp {
 
     /// The RIB as JSON: prefix -> paths.
     fn rib(&self) -> serde_json::Value {
-        self.cli(&["global", "rib", "-j"])
+        self.rib_of("ipv4")
+    }
+
+    fn rib_of(&self, family: &str) -> serde_json::Value {
+        self.cli(&["global", "rib", "-a", family, "-j"])
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(serde_json::Value::Null)
     }
 
     /// Our path as gobgpd holds it: (next hop, stale, attributes).
     fn learned(&self, prefix: &str) -> Option<(String, bool, String)> {
-        let rib = self.rib();
+        let family = if prefix.contains(':') { "ipv6" } else { "ipv4" };
+        let rib = self.rib_of(family);
         let paths = rib.get(prefix)?.as_array()?;
         let p = paths
             .iter()
@@ -519,5 +567,106 @@ mod tests {
             "{routes}"
         );
         assert_eq!(routes.matches("/24").count(), 1, "{routes}");
+    }
+
+    /// Dual stack: the IPv6 pod CIDR goes in MP_REACH_NLRI with our IPv6 next hop, both
+    /// families on the one session over IPv4 (as kube-router), each with End-of-RIB.
+    #[test]
+    fn gobgpd_learns_the_ipv6_pod_cidr_with_our_ipv6_next_hop() {
+        let Some(ip) = ready(&["gobgpd", "gobgp"]) else {
+            return;
+        };
+        let Some(ip6) = host_ipv6() else {
+            eprintln!("note: no global IPv6 address on this host: test skipped");
+            return;
+        };
+        let dir = scratch("v6");
+        let port = 17905;
+        let api = FakeApi::start("127.0.0.1:0");
+        api.put_node(node_json(
+            "a",
+            &[&ip.to_string(), &ip6.to_string()],
+            &[OURS, "fd00:244:7::/64"],
+        ));
+        api.put_node(node_json("b", &["127.0.0.7"], &[THEIRS]));
+        let g = Gobgp::start_with(
+            &dir,
+            port,
+            &gobgp_config_full("127.0.0.7", ip, port, port, 90, true),
+        );
+        let kr = Kr::start(
+            &api,
+            &dir,
+            port,
+            &["--enable-ipv6", "--bgp-graceful-restart"],
+        );
+        assert!(
+            wait(30, || g.learned("fd00:244:7::/64").is_some()),
+            "{}",
+            kr.log()
+        );
+        assert_eq!(g.learned("fd00:244:7::/64").unwrap().0, ip6.to_string());
+        assert_eq!(g.learned(OURS).unwrap().0, ip.to_string());
+        let glog = || std::fs::read_to_string(dir.join("gobgpd.log")).unwrap_or_default();
+        assert!(
+            wait(10, || glog().contains("AddressFamily=ipv6-unicast")
+                && glog().matches("EOR received").count() == 2),
+            "{}",
+            glog()
+        );
+    }
+
+    /// Nothing listens on the BGP port with BGP off; with it on, a peer that cannot be reached
+    /// on its port (our active connections fail) still gets a session by connecting to us
+    /// (passive side), on our primary IP only.
+    #[test]
+    fn passive_session_and_nothing_listens_when_off() {
+        let Some(ip) = ready(&["gobgpd", "gobgp"]) else {
+            return;
+        };
+        let dir = scratch("passive");
+        let port = 17906;
+        let api = cluster(ip, "127.0.0.8");
+        // BGP off: the daemon runs, nothing listens on the port.
+        let off = Command::new(kr_tunneld_bin())
+            .args([
+                "--dry-run",
+                "--hostname-override",
+                "a",
+                "--bgp-port",
+                &port.to_string(),
+            ])
+            .arg("--master")
+            .arg(format!("http://{}", api.addr))
+            .arg("--state-dir")
+            .arg(dir.join("state-off"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let off = Proc(off);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            std::net::TcpStream::connect((ip, port)).is_err(),
+            "something listens with BGP off"
+        );
+        assert!(!dir.join("state-off/bgp").exists());
+        drop(off);
+        // gobgpd listens on another port than the one it dials: our connections are refused.
+        let g = Gobgp::start_with(
+            &dir,
+            port,
+            &gobgp_config_full("127.0.0.8", ip, port + 100, port, 90, false),
+        );
+        let kr = Kr::start(&api, &dir, port, &[]);
+        assert!(
+            wait(30, || kr.has("established: peer connected")),
+            "{}",
+            kr.log()
+        );
+        assert!(kr.has("connect failed"), "{}", kr.log());
+        assert!(wait(10, || g.learned(OURS).is_some()));
+        // Only the primary IP: not the wildcard, not loopback.
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     }
 }

@@ -423,6 +423,12 @@ impl Peer {
             (State::OpenSent, Msg::Open(o)) => self.on_open(i, o, local, now, out),
             (State::OpenConfirm, Msg::Keepalive) => {
                 self.conns[i].state = State::Established;
+                self.why = if self.conns[i].outgoing {
+                    "we connected"
+                } else {
+                    "peer connected"
+                }
+                .into();
                 self.sessions += 1;
                 self.failures = 0;
                 let fams = self.families.clone();
