@@ -253,7 +253,7 @@ fn run(cfg: Config) -> ExitCode {
         ..WatchOptions::default()
     };
     let node_tx = tx.clone();
-    let (bgp_feed, bgp_inbox) = bgp::speaker::channel_pair();
+    let bgp_feed = bgp::speaker::Feed::default();
     let node_bgp = cfg.bgp.enabled.then(|| bgp_feed.clone());
     kube::spawn_watch::<Node>(
         client.clone(),
@@ -335,8 +335,7 @@ fn run(cfg: Config) -> ExitCode {
         }
     }
     let speaker = if cfg.bgp.enabled {
-        match bgp::speaker::Speaker::start(&cfg, local.clone(), &bgp_feed, bgp_inbox, page.clone())
-        {
+        match bgp::speaker::Speaker::start(&cfg, local.clone(), &bgp_feed, page.clone()) {
             Ok(s) => Some(s),
             Err(e) => {
                 log::error!("bgp: cannot start: {e}");

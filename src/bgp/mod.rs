@@ -336,10 +336,10 @@ mod tests {
     fn metrics_count_peers_per_state() {
         let now = std::time::Instant::now();
         let mut p = Peer::new("10.0.0.2".parse().unwrap(), "b", 64512, now);
-        p.received.insert(
+        p.received.push((
             "10.244.2.0/24".parse().unwrap(),
             "10.0.0.2".parse().unwrap(),
-        );
+        ));
         let r = Routes {
             nets: vec!["10.244.1.0/24".parse().unwrap()],
             nh4: Some("10.0.0.1".parse().unwrap()),

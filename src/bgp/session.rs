@@ -7,7 +7,6 @@
 //! keeps one. Timers are deadlines compared with `now`: connect retry with backoff, hold timer
 //! (negotiated as the smaller hold time; 0 = none, 1 and 2 are refused), keepalive at hold/3.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -181,7 +180,7 @@ pub struct Peer {
     /// When the state last changed.
     pub since: Instant,
     /// Routes it announced, with their next hop (kept for status and metrics only).
-    pub received: BTreeMap<IpNet, IpAddr>,
+    pub received: Vec<(IpNet, IpAddr)>,
     /// Families it sent End-of-RIB for in this session.
     pub eor: Vec<Family>,
     /// Families negotiated in this session.
@@ -194,9 +193,9 @@ pub struct Peer {
     failures: u32,
     /// Sessions established since start (the first carries the R bit).
     sessions: u32,
-    sent: BTreeSet<IpNet>,
+    sent: Vec<IpNet>,
     sent_nh: (Option<Ipv4Addr>, Option<Ipv6Addr>),
-    warned: BTreeSet<IpNet>,
+    warned: Vec<IpNet>,
     why: String,
 }
 
@@ -213,7 +212,7 @@ impl Peer {
             remote_as,
             state: State::Active,
             since: now,
-            received: BTreeMap::new(),
+            received: Vec::new(),
             eor: Vec::new(),
             families: Vec::new(),
             expect: (Vec::new(), Vec::new()),
@@ -222,9 +221,9 @@ impl Peer {
             next_connect: now,
             failures: 0,
             sessions: 0,
-            sent: BTreeSet::new(),
+            sent: Vec::new(),
             sent_nh: (None, None),
-            warned: BTreeSet::new(),
+            warned: Vec::new(),
             why: String::new(),
         }
     }
@@ -531,10 +530,8 @@ impl Peer {
             }
             return;
         }
-        for n in &u.withdrawn {
-            self.received.remove(n);
-            self.warned.remove(n);
-        }
+        self.received.retain(|(n, _)| !u.withdrawn.contains(n));
+        self.warned.retain(|n| !u.withdrawn.contains(n));
         for n in u.nlri {
             let nh = match n {
                 IpNet::V4(_) => u.next_hop.map(IpAddr::V4),
@@ -542,13 +539,17 @@ impl Peer {
             };
             let Some(nh) = nh else { continue };
             let (cidrs, ips) = &self.expect;
-            if (!cidrs.contains(&n) || !ips.contains(&nh)) && self.warned.insert(n) {
+            if (!cidrs.contains(&n) || !ips.contains(&nh)) && !self.warned.contains(&n) {
+                self.warned.push(n);
                 out.push(Action::Warn(format!(
                     "bgp: peer {} (node {}) announces {n} via {nh}, but its Node has pod CIDRs {cidrs:?} and IPs {ips:?}: kept for status only, tunnels follow Node objects",
                     self.addr, self.node
                 )));
             }
-            self.received.insert(n, nh);
+            match self.received.iter_mut().find(|(m, _)| *m == n) {
+                Some(e) => e.1 = nh,
+                None => self.received.push((n, nh)),
+            }
         }
     }
 
@@ -562,6 +563,7 @@ impl Peer {
     ) {
         let nets = routes.of(f);
         if !nets.is_empty() {
+            self.sent.retain(|n| !nets.contains(n));
             self.sent.extend(nets.iter().copied());
             out.push(Action::Send(
                 conn,
@@ -590,27 +592,26 @@ impl Peer {
             return out;
         };
         for f in self.families.clone() {
-            let now: BTreeSet<IpNet> = routes.of(f).into_iter().collect();
+            let now = routes.of(f);
             let nh_changed = match f {
                 Family::V4 => self.sent_nh.0 != routes.nh4,
                 Family::V6 => self.sent_nh.1 != routes.nh6,
             };
-            let before: BTreeSet<IpNet> = self
+            let fam = |n: &&IpNet| Family::of_net(n) == f;
+            let gone: Vec<IpNet> = self
                 .sent
                 .iter()
-                .filter(|n| Family::of_net(n) == f)
+                .filter(fam)
+                .filter(|n| !now.contains(n))
                 .copied()
                 .collect();
-            let gone: Vec<IpNet> = before.difference(&now).copied().collect();
-            let new: Vec<IpNet> = if nh_changed {
-                now.iter().copied().collect()
-            } else {
-                now.difference(&before).copied().collect()
-            };
+            let new: Vec<IpNet> = now
+                .iter()
+                .filter(|n| nh_changed || !self.sent.contains(n))
+                .copied()
+                .collect();
             if !gone.is_empty() {
-                for n in &gone {
-                    self.sent.remove(n);
-                }
+                self.sent.retain(|n| !gone.contains(n));
                 let u = Update {
                     withdrawn: gone,
                     ..Update::default()
@@ -618,6 +619,7 @@ impl Peer {
                 out.push(Action::Send(conn, codec::encode_update(&u, true)));
             }
             if !new.is_empty() {
+                self.sent.retain(|n| !new.contains(n));
                 self.sent.extend(new.iter().copied());
                 out.push(Action::Send(
                     conn,

@@ -1,7 +1,7 @@
 //! The BGP speaker's shell: sockets, threads and the one loop that owns every session.
 //!
 //! Shell module. One thread ("bgp") owns the [`Peer`] machines and the writing ends of the
-//! connections; everything else talks to it through one channel: the Node watch ([`Feed`]),
+//! connections; everything else talks to it through one queue: the Node watch ([`Feed`]),
 //! the listener thread (accepted connections), connect threads (one per attempt) and one reader
 //! thread per connection (decoded messages). It waits with `recv_timeout` until the next peer
 //! deadline, so timers cost nothing when idle. Nothing here decides what to do: [`super::session`]
@@ -11,13 +11,12 @@
 //! listener is bound to the primary IP only (never the wildcard) and accepts only configured
 //! peers (reference §2, §10.1). Nothing listens while BGP is off: the speaker is not started.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,18 +34,64 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// timer handles it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-enum Cmd {
+/// What the speaker thread is told.
+pub enum Cmd {
+    /// A Node cache update.
     Nodes(Update<NodeBgp>),
+    /// The listener accepted a connection.
     Accepted(TcpStream, SocketAddr),
-    Connected(IpAddr, std::io::Result<TcpStream>),
+    /// An outgoing connection `conn` to a peer is up (the write end) or failed.
+    Connected(IpAddr, u64, std::io::Result<TcpStream>),
+    /// A message (or a decoding error) on a connection.
     Msg(u64, Result<Msg, CodecError>),
+    /// A connection closed.
     Closed(u64, String),
+    /// Stop.
     Stop,
 }
 
+/// The speaker's inbox: a queue and a condition variable (one small instantiation instead of
+/// a whole `mpsc` channel per message type; SPEC P-4's binary size).
+#[derive(Default)]
+pub struct Queue {
+    q: Mutex<VecDeque<Cmd>>,
+    cv: Condvar,
+}
+
+impl Queue {
+    fn push(&self, c: Cmd) {
+        match self.q.lock() {
+            Ok(mut q) => q.push_back(c),
+            Err(q) => q.into_inner().push_back(c),
+        }
+        self.cv.notify_one();
+    }
+
+    /// The next command, or `None` after `wait`.
+    fn pop(&self, wait: Duration) -> Option<Cmd> {
+        let Ok(mut q) = self.q.lock() else {
+            return Some(Cmd::Stop);
+        };
+        let end = Instant::now() + wait;
+        loop {
+            if let Some(c) = q.pop_front() {
+                return Some(c);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            q = match self.cv.wait_timeout(q, left) {
+                Ok((q, _)) => q,
+                Err(_) => return Some(Cmd::Stop),
+            };
+        }
+    }
+}
+
 /// The sending end for Node updates (the Node watch callback holds one).
-#[derive(Clone)]
-pub struct Feed(Sender<Cmd>);
+#[derive(Clone, Default)]
+pub struct Feed(Arc<Queue>);
 
 impl Feed {
     /// Pass a Node cache update to the speaker (converted here, on the watch thread).
@@ -56,36 +101,26 @@ impl Feed {
             Update::Upsert(n) => Update::Upsert(super::node_bgp(n)),
             Update::Delete(n) => Update::Delete(super::node_bgp(n)),
         };
-        // The receiver goes away only when the speaker has stopped.
-        let _ = self.0.send(Cmd::Nodes(u));
+        self.0.push(Cmd::Nodes(u));
     }
 }
 
 /// A running speaker.
 pub struct Speaker {
-    tx: Sender<Cmd>,
+    q: Arc<Queue>,
     thread: Option<JoinHandle<()>>,
     metrics: Arc<Mutex<String>>,
 }
 
-/// The channel for a speaker: create it before the Node watch starts, so the watch's first
-/// list reaches the speaker.
-pub fn channel_pair() -> (Feed, Inbox) {
-    let (tx, rx) = channel();
-    (Feed(tx), Inbox(rx))
-}
-
-/// The receiving end of [`channel_pair`], to pass to [`Speaker::start`].
-pub struct Inbox(Receiver<Cmd>);
-
 impl Speaker {
-    /// Start the speaker thread for node `local`. `families`: the families the overlay
-    /// manages (`--enable-ipv4`/`--enable-ipv6`); only those are offered and announced.
+    /// Start the speaker thread for node `local`, fed by `feed` (create it before the Node
+    /// watch starts, so the first list reaches the speaker). Only the families the overlay
+    /// manages (`--enable-ipv4`/`--enable-ipv6`) are offered and announced. `page`: the served
+    /// metrics page, whose BGP part the speaker keeps current.
     pub fn start(
         cfg: &Config,
         local: String,
         feed: &Feed,
-        inbox: Inbox,
         page: Arc<Mutex<String>>,
     ) -> std::io::Result<Speaker> {
         let metrics = Arc::new(Mutex::new(String::new()));
@@ -99,10 +134,10 @@ impl Speaker {
             local_name: local,
             status_path: cfg.state_dir.join("bgp"),
             page,
-            tx: feed.0.clone(),
-            nodes: BTreeMap::new(),
-            peers: BTreeMap::new(),
-            conns: HashMap::new(),
+            q: feed.0.clone(),
+            nodes: Vec::new(),
+            peers: Vec::new(),
+            conns: Vec::new(),
             next_conn: 1,
             local: None,
             routes: Routes::default(),
@@ -114,9 +149,9 @@ impl Speaker {
         };
         let thread = std::thread::Builder::new()
             .name("bgp".into())
-            .spawn(move || core.run(&inbox.0))?;
+            .spawn(move || core.run())?;
         Ok(Speaker {
-            tx: feed.0.clone(),
+            q: feed.0.clone(),
             thread: Some(thread),
             metrics,
         })
@@ -130,7 +165,7 @@ impl Speaker {
     /// Stop every session (without NOTIFICATION when graceful restart is on, else with Cease)
     /// and wait for the thread.
     pub fn stop(mut self) {
-        let _ = self.tx.send(Cmd::Stop);
+        self.q.push(Cmd::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -138,8 +173,10 @@ impl Speaker {
 }
 
 struct ConnIo {
+    id: u64,
     peer: IpAddr,
-    stream: TcpStream,
+    /// The write end; `None` while an outgoing connection is being made.
+    stream: Option<TcpStream>,
 }
 
 struct Core {
@@ -148,10 +185,10 @@ struct Core {
     local_name: String,
     status_path: PathBuf,
     page: Arc<Mutex<String>>,
-    tx: Sender<Cmd>,
-    nodes: BTreeMap<String, NodeBgp>,
-    peers: BTreeMap<IpAddr, Peer>,
-    conns: HashMap<u64, ConnIo>,
+    q: Arc<Queue>,
+    nodes: Vec<NodeBgp>,
+    peers: Vec<Peer>,
+    conns: Vec<ConnIo>,
     next_conn: u64,
     local: Option<(Local, IpAddr)>,
     routes: Routes,
@@ -163,23 +200,19 @@ struct Core {
 }
 
 impl Core {
-    fn run(&mut self, rx: &Receiver<Cmd>) {
+    fn run(&mut self) {
         loop {
             let now = Instant::now();
             let deadline = self
                 .peers
-                .values()
+                .iter()
                 .filter_map(Peer::deadline)
                 .chain(self.publish_at)
                 .min();
             let wait = deadline.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(now)
             });
-            let cmd = match rx.recv_timeout(wait) {
-                Ok(c) => Some(c),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => Some(Cmd::Stop),
-            };
+            let cmd = self.q.pop(wait);
             let now = Instant::now();
             match cmd {
                 None => {}
@@ -190,38 +223,27 @@ impl Core {
                     } else {
                         Some(2)
                     };
-                    let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
-                    for a in addrs {
-                        if let Some(p) = self.peers.get_mut(&a) {
-                            let acts = p.stop(cease, now);
-                            self.execute(a, acts);
-                        }
-                    }
-                    self.unlisten();
+                    self.stop_all(cease, now);
                     self.publish();
                     return;
                 }
                 Some(Cmd::Nodes(u)) => {
                     match u {
-                        Update::Replace(all) => {
-                            self.nodes = all.into_iter().map(|n| (n.name.clone(), n)).collect();
-                        }
-                        Update::Upsert(n) => {
-                            if self.nodes.get(&n.name) == Some(&n) {
-                                continue;
-                            }
-                            self.nodes.insert(n.name.clone(), n);
-                        }
-                        Update::Delete(n) => {
-                            self.nodes.remove(&n.name);
-                        }
+                        Update::Replace(all) => self.nodes = all,
+                        Update::Upsert(n) => match self.nodes.iter_mut().find(|m| m.name == n.name)
+                        {
+                            Some(m) if *m == n => continue,
+                            Some(m) => *m = n,
+                            None => self.nodes.push(n),
+                        },
+                        Update::Delete(n) => self.nodes.retain(|m| m.name != n.name),
                     }
                     self.sync(now);
                 }
                 Some(Cmd::Accepted(stream, from)) => {
                     let ip = canonical(from.ip());
-                    if self.peers.contains_key(&ip) {
-                        let conn = self.add_conn(ip, stream);
+                    if self.peer(ip).is_some() {
+                        let conn = self.add_conn(ip, Ok(stream));
                         self.event(
                             ip,
                             Event::Connected {
@@ -235,25 +257,35 @@ impl Core {
                         let _ = stream.shutdown(Shutdown::Both);
                     }
                 }
-                Some(Cmd::Connected(ip, res)) => {
+                Some(Cmd::Connected(ip, conn, res)) => {
                     let ev = match res {
-                        Ok(stream) if self.peers.contains_key(&ip) => {
-                            let conn = self.add_conn(ip, stream);
-                            Event::Connected {
-                                conn,
-                                outgoing: true,
-                            }
-                        }
-                        Ok(stream) => {
+                        Ok(stream) if self.peer(ip).is_none() => {
+                            self.conns.retain(|c| c.id != conn);
                             let _ = stream.shutdown(Shutdown::Both);
                             continue;
                         }
-                        Err(e) => Event::ConnectFailed(e.to_string()),
+                        Ok(stream) => match self.conns.iter_mut().find(|c| c.id == conn) {
+                            Some(c) => {
+                                c.stream = Some(stream);
+                                Event::Connected {
+                                    conn,
+                                    outgoing: true,
+                                }
+                            }
+                            None => {
+                                let _ = stream.shutdown(Shutdown::Both);
+                                continue;
+                            }
+                        },
+                        Err(e) => {
+                            self.conns.retain(|c| c.id != conn);
+                            Event::ConnectFailed(e.to_string())
+                        }
                     };
                     self.event(ip, ev, now);
                 }
                 Some(Cmd::Msg(conn, m)) => {
-                    let Some(ip) = self.conns.get(&conn).map(|c| c.peer) else {
+                    let Some(ip) = self.conn_peer(conn) else {
                         continue;
                     };
                     if matches!(m, Ok(Msg::Update(_))) {
@@ -267,7 +299,7 @@ impl Core {
                     self.event(ip, ev, now);
                 }
                 Some(Cmd::Closed(conn, why)) => {
-                    let Some(ip) = self.conns.get(&conn).map(|c| c.peer) else {
+                    let Some(ip) = self.conn_peer(conn) else {
                         continue;
                     };
                     self.event(ip, Event::Closed(conn, why), now);
@@ -276,8 +308,8 @@ impl Core {
             let due: Vec<IpAddr> = self
                 .peers
                 .iter()
-                .filter(|(_, p)| p.deadline().is_some_and(|d| d <= now))
-                .map(|(a, _)| *a)
+                .filter(|p| p.deadline().is_some_and(|d| d <= now))
+                .map(|p| p.addr)
                 .collect();
             for a in due {
                 self.event(a, Event::Tick, now);
@@ -288,39 +320,80 @@ impl Core {
         }
     }
 
+    fn peer(&mut self, ip: IpAddr) -> Option<&mut Peer> {
+        self.peers.iter_mut().find(|p| p.addr == ip)
+    }
+
+    fn conn_peer(&self, conn: u64) -> Option<IpAddr> {
+        self.conns.iter().find(|c| c.id == conn).map(|c| c.peer)
+    }
+
     fn event(&mut self, ip: IpAddr, ev: Event, now: Instant) {
         let Some((local, _)) = &self.local else {
             return;
         };
-        let Some(p) = self.peers.get_mut(&ip) else {
+        let Some(p) = self.peers.iter_mut().find(|p| p.addr == ip) else {
             return;
         };
         let acts = p.handle(ev, local, &self.routes, now);
         self.execute(ip, acts);
     }
 
-    fn add_conn(&mut self, peer: IpAddr, stream: TcpStream) -> u64 {
+    /// A connection and its reader thread: `Ok` an accepted stream, `Err` the addresses to
+    /// connect from and to (the thread connects, then reports [`Cmd::Connected`]).
+    fn add_conn(&mut self, peer: IpAddr, how: Result<TcpStream, (IpAddr, SocketAddr)>) -> u64 {
         let id = self.next_conn;
         self.next_conn += 1;
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        match stream.try_clone() {
-            Ok(r) => {
-                let tx = self.tx.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("bgp-read".into())
-                    .spawn(move || read_loop(id, r, &tx));
-                if let Err(e) = spawned {
-                    log::warn!("bgp: cannot start a reader thread: {e}");
-                    let _ = stream.shutdown(Shutdown::Both);
+        let q = self.q.clone();
+        let (mine, theirs) = match how {
+            Ok(s) => match s.try_clone() {
+                Ok(r) => (Some(s), Ok(r)),
+                Err(e) => {
+                    log::warn!("bgp: cannot clone a socket: {e}");
+                    let _ = s.shutdown(Shutdown::Both);
+                    (Some(s), Err(None))
                 }
-            }
-            Err(e) => {
-                log::warn!("bgp: cannot clone a socket: {e}");
-                let _ = stream.shutdown(Shutdown::Both);
+            },
+            Err(addrs) => (None, Err(Some(addrs))),
+        };
+        if let Some(s) = &mine {
+            let _ = s.set_nodelay(true);
+            let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+        }
+        let spawned = std::thread::Builder::new()
+            .name("bgp-conn".into())
+            .spawn(move || {
+                let s = match theirs {
+                    Ok(s) => s,
+                    Err(None) => return,
+                    Err(Some((src, to))) => {
+                        let res = connect_from(src, to).and_then(|s| {
+                            s.set_nodelay(true)?;
+                            s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+                            Ok((s.try_clone()?, s))
+                        });
+                        match res {
+                            Ok((w, r)) => {
+                                q.push(Cmd::Connected(to.ip(), id, Ok(w)));
+                                r
+                            }
+                            Err(e) => return q.push(Cmd::Connected(to.ip(), id, Err(e))),
+                        }
+                    }
+                };
+                read_loop(id, s, &q);
+            });
+        if let Err(e) = spawned {
+            log::warn!("bgp: cannot start a connection thread: {e}");
+            if let Some(s) = &mine {
+                let _ = s.shutdown(Shutdown::Both);
             }
         }
-        self.conns.insert(id, ConnIo { peer, stream });
+        self.conns.push(ConnIo {
+            id,
+            peer,
+            stream: mine,
+        });
         id
     }
 
@@ -328,28 +401,37 @@ impl Core {
         let mut changed = false;
         for a in acts {
             match a {
-                Action::Connect => self.connect(ip),
+                Action::Connect => {
+                    if let Some((_, src)) = self.local {
+                        let to = SocketAddr::new(ip, self.settings.port);
+                        self.add_conn(ip, Err((src, to)));
+                    }
+                }
                 Action::Send(conn, bytes) => {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        if let Err(e) = c.stream.write_all(&bytes) {
+                    let c = self.conns.iter_mut().find(|c| c.id == conn);
+                    if let Some(s) = c.and_then(|c| c.stream.as_mut()) {
+                        if let Err(e) = s.write_all(&bytes) {
                             log::debug!("bgp: write to {ip} failed: {e}");
                             // The reader sees the shutdown and reports the close.
-                            let _ = c.stream.shutdown(Shutdown::Both);
+                            let _ = s.shutdown(Shutdown::Both);
                         }
                     }
                 }
                 Action::Close(conn) => {
-                    if let Some(c) = self.conns.remove(&conn) {
-                        let _ = c.stream.shutdown(Shutdown::Both);
+                    if let Some(i) = self.conns.iter().position(|c| c.id == conn) {
+                        if let Some(s) = self.conns.swap_remove(i).stream {
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
                     }
                 }
                 Action::State(s, why) => {
-                    let node = self.peers.get(&ip).map_or("", |p| p.node.as_str());
-                    if why.is_empty() {
-                        log::info!("bgp: peer {ip} (node {node}) {s}");
-                    } else {
-                        log::info!("bgp: peer {ip} (node {node}) {s}: {why}");
-                    }
+                    let node = self
+                        .peers
+                        .iter()
+                        .find(|p| p.addr == ip)
+                        .map_or("", |p| p.node.as_str());
+                    let sep = if why.is_empty() { "" } else { ": " };
+                    log::info!("bgp: peer {ip} (node {node}) {s}{sep}{why}");
                     changed = true;
                 }
                 Action::Warn(w) => log::warn!("{w}"),
@@ -360,34 +442,27 @@ impl Core {
         }
     }
 
-    fn connect(&self, peer: IpAddr) {
-        let Some((_, src)) = self.local else { return };
-        let tx = self.tx.clone();
-        let to = SocketAddr::new(peer, self.settings.port);
-        let spawned = std::thread::Builder::new()
-            .name("bgp-connect".into())
-            .spawn(move || {
-                let _ = tx.send(Cmd::Connected(peer, connect_from(src, to)));
-            });
-        if let Err(e) = spawned {
-            let _ = self.tx.send(Cmd::Connected(peer, Err(e)));
-        }
-    }
-
     /// Recompute our settings, routes and peers from the Node cache (B-2), and act on changes.
     fn sync(&mut self, now: Instant) {
-        let Some(me) = self.nodes.get(&self.local_name).cloned() else {
+        let Some(me) = self
+            .nodes
+            .iter()
+            .find(|n| n.name == self.local_name)
+            .cloned()
+        else {
             self.set_problem(format!(
                 "this node ({}) is not in the Node list",
                 self.local_name
             ));
             return;
         };
-        let all: Vec<NodeBgp> = self.nodes.values().cloned().collect();
-        let chosen = session::choose(&me, &all, self.settings.asn, self.settings.full_mesh)
+        let chosen = session::choose(&me, &self.nodes, self.settings.asn, self.settings.full_mesh)
             .and_then(|(asn, wants)| {
-                let id = session::router_id(&self.settings.router_id, &me)?;
-                Ok((asn, id, wants))
+                Ok((
+                    asn,
+                    session::router_id(&self.settings.router_id, &me)?,
+                    wants,
+                ))
             });
         let (asn, id, wants) = match chosen {
             Ok(c) => c,
@@ -409,13 +484,6 @@ impl Core {
                 Family::V6 => me.best.1.is_some(),
             })
             .collect();
-        let local = Local {
-            asn,
-            id,
-            hold: self.settings.hold,
-            gr_time: self.settings.gr_time,
-            families: fams.clone(),
-        };
         let routes = Routes {
             nets: me
                 .cidrs
@@ -426,9 +494,15 @@ impl Core {
             nh4: me.best.0.filter(|_| fams.contains(&Family::V4)),
             nh6: me.best.1.filter(|_| fams.contains(&Family::V6)),
         };
+        let local = Local {
+            asn,
+            id,
+            hold: self.settings.hold,
+            gr_time: self.settings.gr_time,
+            families: fams,
+        };
         if self.local.as_ref() != Some(&(local.clone(), src)) {
             if self.local.is_some() {
-                log::info!("bgp: local settings changed (AS {asn}, router id {id}, source {src}): restarting sessions");
                 // Cease, "other configuration change" (RFC 4486).
                 self.stop_all(Some(6), now);
             }
@@ -441,44 +515,45 @@ impl Core {
         }
         if routes != self.routes {
             self.routes = routes;
-            let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
-            for a in addrs {
-                if let Some(p) = self.peers.get_mut(&a) {
-                    let acts = p.set_routes(&self.routes);
-                    self.execute(a, acts);
-                }
+            for i in 0..self.peers.len() {
+                let acts = self.peers[i].set_routes(&self.routes);
+                let a = self.peers[i].addr;
+                self.execute(a, acts);
             }
         }
-        let gone: Vec<IpAddr> = self
-            .peers
-            .keys()
-            .filter(|a| !wants.iter().any(|w| w.addr == **a))
-            .copied()
-            .collect();
-        for a in gone {
-            if let Some(mut p) = self.peers.remove(&a) {
-                let acts = p.stop(Some(3), now);
-                self.peers.insert(a, p);
-                self.execute(a, acts);
-                self.peers.remove(&a);
+        let mut i = 0;
+        while i < self.peers.len() {
+            if wants.iter().any(|w| w.addr == self.peers[i].addr) {
+                i += 1;
+                continue;
             }
+            // Node gone: Cease, "peer de-configured".
+            let acts = self.peers[i].stop(Some(3), now);
+            let a = self.peers[i].addr;
+            self.execute(a, acts);
+            self.peers.remove(i);
         }
         for w in wants {
-            let p = self.peers.entry(w.addr).or_insert_with(|| {
-                log::info!("bgp: new peer {} (node {})", w.addr, w.node);
-                Peer::new(w.addr, &w.node, w.asn, now)
-            });
-            p.node = w.node;
-            p.expect = w.expect;
+            match self.peer(w.addr) {
+                Some(p) => {
+                    p.node = w.node;
+                    p.expect = w.expect;
+                }
+                None => {
+                    log::info!("bgp: new peer {} (node {})", w.addr, w.node);
+                    let mut p = Peer::new(w.addr, &w.node, w.asn, now);
+                    p.expect = w.expect;
+                    self.peers.push(p);
+                }
+            }
         }
         self.publish();
     }
 
     fn stop_all(&mut self, cease: Option<u8>, now: Instant) {
-        let peers = std::mem::take(&mut self.peers);
-        for (a, mut p) in peers {
-            let acts = p.stop(cease, now);
-            self.peers.insert(a, p);
+        for i in 0..self.peers.len() {
+            let acts = self.peers[i].stop(cease, now);
+            let a = self.peers[i].addr;
             self.execute(a, acts);
         }
         self.peers.clear();
@@ -500,29 +575,25 @@ impl Core {
             return;
         }
         self.unlisten();
-        match TcpListener::bind(addr) {
-            Ok(l) => {
-                let spawned = l.try_clone().and_then(|l2| {
-                    let tx = self.tx.clone();
-                    std::thread::Builder::new()
-                        .name("bgp-listen".into())
-                        .spawn(move || {
-                            for c in l2.incoming() {
-                                let Ok(c) = c else { break };
-                                let Ok(from) = c.peer_addr() else { continue };
-                                if tx.send(Cmd::Accepted(c, from)).is_err() {
-                                    break;
-                                }
-                            }
-                        })
-                });
-                match spawned {
-                    Ok(_) => {
-                        log::info!("bgp: listening on {addr}");
-                        self.listener = Some((addr, l));
+        let res = TcpListener::bind(addr).and_then(|l| {
+            let l2 = l.try_clone()?;
+            let q = self.q.clone();
+            std::thread::Builder::new()
+                .name("bgp-listen".into())
+                .spawn(move || {
+                    for c in l2.incoming() {
+                        let Ok(c) = c else { break };
+                        if let Ok(from) = c.peer_addr() {
+                            q.push(Cmd::Accepted(c, from));
+                        }
                     }
-                    Err(e) => log::error!("bgp: cannot accept on {addr}: {e}"),
-                }
+                })?;
+            Ok(l)
+        });
+        match res {
+            Ok(l) => {
+                log::info!("bgp: listening on {addr}");
+                self.listener = Some((addr, l));
             }
             Err(e) => {
                 let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -551,7 +622,7 @@ impl Core {
     fn publish(&mut self) {
         self.publish_at = None;
         let now = Instant::now();
-        let peers: Vec<&Peer> = self.peers.values().collect();
+        let peers: Vec<&Peer> = self.peers.iter().collect();
         let head =
             match &self.local {
                 Some((l, src)) => {
@@ -698,7 +769,7 @@ fn sockaddr(a: SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::sockle
 /// Read messages from one connection until it fails, passing each to the speaker. The width of
 /// AS numbers in AS_PATH follows the peer's OPEN (4-octet AS when it offered it; kr-tunneld
 /// always does).
-fn read_loop(conn: u64, mut s: TcpStream, tx: &Sender<Cmd>) {
+fn read_loop(conn: u64, mut s: TcpStream, q: &Queue) {
     let mut buf: Vec<u8> = Vec::with_capacity(codec::MAX);
     let mut chunk = [0u8; 4096];
     let mut as4 = true;
@@ -707,10 +778,7 @@ fn read_loop(conn: u64, mut s: TcpStream, tx: &Sender<Cmd>) {
             let len = match codec::frame_len(&buf) {
                 Ok(Some(n)) if buf.len() >= n => n,
                 Ok(_) => break,
-                Err(e) => {
-                    let _ = tx.send(Cmd::Msg(conn, Err(e)));
-                    return;
-                }
+                Err(e) => return q.push(Cmd::Msg(conn, Err(e))),
             };
             let m = codec::decode(&buf[..len], as4);
             buf.drain(..len);
@@ -718,21 +786,16 @@ fn read_loop(conn: u64, mut s: TcpStream, tx: &Sender<Cmd>) {
                 as4 = o.as4;
             }
             let bad = m.is_err();
-            if tx.send(Cmd::Msg(conn, m)).is_err() || bad {
+            q.push(Cmd::Msg(conn, m));
+            if bad {
                 return;
             }
         }
         match s.read(&mut chunk) {
-            Ok(0) => {
-                let _ = tx.send(Cmd::Closed(conn, "closed by peer".into()));
-                return;
-            }
+            Ok(0) => return q.push(Cmd::Closed(conn, "closed by peer".into())),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let _ = tx.send(Cmd::Closed(conn, e.to_string()));
-                return;
-            }
+            Err(e) => return q.push(Cmd::Closed(conn, e.to_string())),
         }
     }
 }
