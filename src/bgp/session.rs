@@ -541,7 +541,11 @@ impl Peer {
             let (cidrs, ips) = &self.expect;
             if (!cidrs.contains(&n) || !ips.contains(&nh)) && !self.warned.contains(&n) {
                 self.warned.push(n);
-                let why = if cidrs.contains(&n) { "next hop" } else { "prefix" };
+                let why = if cidrs.contains(&n) {
+                    "next hop"
+                } else {
+                    "prefix"
+                };
                 out.push(Action::Warn(format!(
                     "bgp: peer {} (node {}) announces {n} via {nh}: the {why} disagrees with its Node object; kept for status only, tunnels follow Node objects",
                     self.addr, self.node
