@@ -358,6 +358,14 @@ pub const FLAGS: &[Flag] = &[
         "print the plan instead of applying it"
     ),
     flag!(
+        "adopt-kube-router",
+        Bool,
+        "BOOL",
+        "false",
+        "Service",
+        "on start, take over kube-router's tunnels, routes, rule and FOU port (see adopt)"
+    ),
+    flag!(
         "once",
         Bool,
         "BOOL",
@@ -384,6 +392,8 @@ pub enum Command {
     Cleanup,
     /// Print the peer table and exit.
     Status,
+    /// Take over what kube-router left on this node (`adopt --from kube-router`), then exit.
+    Adopt,
 }
 
 /// The parsed command line: the command and each flag's raw text value (`None` = not given
@@ -468,6 +478,14 @@ where
         match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
+            Long("from") if command == Some(Command::Adopt) => {
+                let v = p.value().map_err(err)?.string().map_err(err)?;
+                if v != "kube-router" {
+                    return Err(CliError(format!(
+                        "adopt --from {v}: only kube-router can be adopted"
+                    )));
+                }
+            }
             Long(name) => {
                 let name = name.to_string();
                 let i = flag_index(&name)
@@ -492,9 +510,10 @@ where
                     "run" => Command::Run,
                     "cleanup" => Command::Cleanup,
                     "status" => Command::Status,
+                    "adopt" => Command::Adopt,
                     _ => {
                         return Err(CliError(format!(
-                            "unknown command '{v}' (run, cleanup or status)"
+                            "unknown command '{v}' (run, cleanup, status or adopt)"
                         )))
                     }
                 });
@@ -522,10 +541,13 @@ pub fn version() -> String {
 pub fn help() -> String {
     let mut s = String::from(
         "kr-tunneld: kube-router's overlay tunnels (IPIP/ip6tnl, GUE) and IPVS tunnel-mode DSR \
-         for Kubernetes nodes\n\nUSAGE:\n    kr-tunneld [run|cleanup|status] [OPTIONS]\n\n\
+         for Kubernetes nodes\n\nUSAGE:\n    kr-tunneld [run|cleanup|status|adopt] [OPTIONS]\n\n\
          COMMANDS:\n    run        watch the API and reconcile the kernel (default)\n    \
          cleanup    remove every link, route, rule and FOU port kr-tunneld owns\n    \
-         status     print the peer table from the kernel and the last reconcile\n",
+         status     print the peer table from the kernel and the last reconcile\n    \
+         adopt --from kube-router\n               \
+         replace kube-router's tun-* tunnels, proto-17 and table-77 routes, lookup-77 rule\n               \
+         and FOU port by kr-tunneld's own, without a gap, then exit (SPEC B-7)\n",
     );
     let mut group = "";
     for f in FLAGS {
@@ -621,6 +643,13 @@ mod tests {
             args(&["status", "--kubeconfig", "k"]).command,
             Command::Status
         );
+        assert_eq!(
+            args(&["adopt", "--from", "kube-router"]).command,
+            Command::Adopt
+        );
+        assert_eq!(args(&["adopt"]).command, Command::Adopt);
+        assert!(parse(["adopt", "--from", "calico"], &no_env).is_err());
+        assert!(parse(["--from", "kube-router"], &no_env).is_err());
         assert_eq!(parse(["--help"], &no_env), Ok(Parsed::Help));
         assert_eq!(parse(["-V"], &no_env), Ok(Parsed::Version));
         let e = parse(["--overlay-encapp", "fou"], &no_env).unwrap_err();

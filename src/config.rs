@@ -107,6 +107,8 @@ pub struct Config {
     pub dry_run: bool,
     /// `--once`.
     pub once: bool,
+    /// `--adopt-kube-router` (SPEC B-7).
+    pub adopt_kube_router: bool,
     /// `--log-level`.
     pub log_level: Option<log::LevelFilter>,
     /// BGP settings (SPEC B-1).
@@ -391,6 +393,7 @@ impl Config {
             metrics_file: v.opt("metrics-file").map(PathBuf::from),
             dry_run: v.bool("dry-run")?,
             once: v.bool("once")?,
+            adopt_kube_router: v.bool("adopt-kube-router")?,
             log_level,
             bgp: crate::bgp::Settings::from_args(args)?,
         })

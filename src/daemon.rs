@@ -878,6 +878,19 @@ fn fou_state_path(dir: &Path) -> PathBuf {
     dir.join("fou-ports")
 }
 
+/// Record `ports` as opened by kr-tunneld (adoption takes kube-router's over, SPEC B-7), so a
+/// later run closes them when nothing wants them.
+pub fn record_owned_fou(state_dir: &Path, ports: &[FouPort]) -> std::io::Result<()> {
+    let path = fou_state_path(state_dir);
+    let mut owned = read_fou_state(&path);
+    let before = owned.len();
+    owned.extend(ports.iter().copied());
+    if owned.len() == before {
+        return Ok(());
+    }
+    write_fou_state(&path, &owned)
+}
+
 /// Read `ipv4 5555`-style lines; a missing or garbled file means "none recorded".
 fn read_fou_state(path: &Path) -> BTreeSet<FouPort> {
     let Ok(text) = std::fs::read_to_string(path) else {

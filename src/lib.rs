@@ -3,10 +3,11 @@
 //! The crate is a functional core with a thin imperative shell (see STYLE.md in the design notes):
 //!
 //! * core (pure, no I/O, no clock): [`cli`], [`config`], [`kube::types`], [`kube::watch`],
-//!   [`model`], [`nodes`], [`reconcile`], [`dsr`] and the netlink message builders/parsers;
+//!   [`model`], [`nodes`], [`reconcile`], [`adopt`], [`dsr`] and the netlink message builders/parsers;
 //! * shell (one operation per function, decides nothing): [`kube::client`], [`netlink::socket`],
 //!   [`apply`], [`podns`], [`systemd`], [`daemon`] and `main.rs`.
 
+pub mod adopt;
 pub mod apply;
 pub mod bgp;
 pub mod cli;

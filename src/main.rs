@@ -62,6 +62,14 @@ fn main() -> ExitCode {
         Command::Run => run(cfg),
         Command::Cleanup => cleanup(cfg),
         Command::Status => status(cfg),
+        Command::Adopt => {
+            let ok = open_kernel().is_some_and(|mut k| adopt_kube_router(&cfg, &mut k));
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 
@@ -245,6 +253,12 @@ fn run(cfg: Config) -> ExitCode {
     let halt = Arc::new(AtomicBool::new(false));
     kernel.stop_on(halt.clone());
 
+    let mut kernel = kernel;
+    if cfg.adopt_kube_router {
+        // Before the first pass, so that pass finds the objects already ours (SPEC B-7).
+        adopt_kube_router(&cfg, &mut kernel);
+    }
+
     let (tx, rx) = channel();
     let stop = Stop::new();
     let stats = Arc::new(WatchStats::default());
@@ -370,6 +384,71 @@ fn run(cfg: Config) -> ExitCode {
         Exit::Clean => ExitCode::SUCCESS,
         Exit::Failed => ExitCode::FAILURE,
     }
+}
+
+/// SPEC B-7: replace what kube-router left on this node by our own objects, without a gap (the
+/// plan and its order: [`kr_tunneld::adopt`]). False if reading failed or any op failed.
+fn adopt_kube_router(cfg: &Config, kernel: &mut NetlinkKernel) -> bool {
+    use kr_tunneld::adopt::{self, Leftovers, KUBE_ROUTER_PROTOCOL, KUBE_ROUTER_TABLE};
+    let ov = &cfg.overlay;
+    let read = |k: &mut NetlinkKernel| -> Result<_, kr_tunneld::apply::KernelError> {
+        let actual = k.read(&ov.own)?;
+        let mut routes = k.routes(KUBE_ROUTER_PROTOCOL, &actual.links)?;
+        // Table-77 routes carry the netlink default protocol, boot (3); the rule none (0).
+        let boot = k.routes(libc::RTPROT_BOOT, &actual.links)?;
+        routes.extend(boot.into_iter().filter(|r| r.table == KUBE_ROUTER_TABLE));
+        let rules = k.rules(libc::RTPROT_UNSPEC)?;
+        Ok((actual, Leftovers { routes, rules }))
+    };
+    let (actual, left) = match read(kernel) {
+        Ok(x) => x,
+        Err(e) => {
+            log::error!("adopt: reading kernel state failed: {e}");
+            return false;
+        }
+    };
+    let mut bound = std::collections::BTreeSet::new();
+    for b in adopt::binds(&actual, ov) {
+        if cfg.dry_run {
+            println!("would bind tunnel {} to ifindex {}", b.have.name, b.oif);
+            bound.insert(b.index);
+            continue;
+        }
+        match kernel.bind_tunnel(b.index, &b.have, b.oif) {
+            Ok(()) => {
+                bound.insert(b.index);
+            }
+            Err(e) => log::warn!("adopt: {e}; it is replaced delete-first"),
+        }
+    }
+    let plan = adopt::plan(&actual, &left, ov, &bound);
+    for n in &plan.notes {
+        log::warn!("adopt: {n}");
+    }
+    if cfg.dry_run {
+        for op in &plan.ops {
+            println!("would {op}");
+        }
+        return true;
+    }
+    let failed = kernel.apply(&ov.own, &plan.ops);
+    for (i, op) in plan.ops.iter().enumerate() {
+        match failed.iter().find(|(j, _)| *j == i) {
+            Some((_, e)) => log::error!("adopt: {e}"),
+            None => log::info!("adopt: {op}"),
+        }
+    }
+    if let Err(e) = daemon::record_owned_fou(&cfg.state_dir, &plan.fou) {
+        log::error!("adopt: cannot record the FOU ports as ours: {e}");
+    }
+    log::info!(
+        "adopt: kube-router's state taken over ({} ops, {} tunnels bound first, {} FOU ports, {} failures)",
+        plan.ops.len(),
+        bound.len(),
+        plan.fou.len(),
+        failed.len()
+    );
+    failed.is_empty()
 }
 
 fn cleanup(cfg: Config) -> ExitCode {

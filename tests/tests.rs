@@ -42,3 +42,5 @@ mod fuzz_targets;
 mod soak;
 // Liveness against a real kernel: SIGTERM mid-pass, drift repaired from rtnetlink notifications (root; #[ignore]d).
 mod live;
+// kube-router stand-ins (gobgpd + tests/kube-router-standin.sh) and migration to kr-tunneld (root; #[ignore]d).
+mod kube_router;

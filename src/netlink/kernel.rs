@@ -32,10 +32,10 @@ use netlink_packet_core::DecodeError;
 use super::fou::{fou_add, fou_del, fou_dump, parse_fou_port, FOU_GENL_NAME};
 use super::genl::Genl;
 use super::rtnl::{
-    addr_dump, link_change, link_create, link_delete, link_delete_group, link_dump, link_get,
-    link_set_up, parse_addr, parse_link, parse_route, parse_rule, route_delete, route_dump,
-    route_replace, rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE,
-    RTM_NEWRULE,
+    addr_dump, link_bind, link_change, link_create, link_delete, link_delete_group, link_dump,
+    link_get, link_set_up, parse_addr, parse_link, parse_route, parse_rule, route_delete,
+    route_dump, route_replace, rule_add, rule_delete, rule_dump, RTM_NEWADDR, RTM_NEWLINK,
+    RTM_NEWROUTE, RTM_NEWRULE,
 };
 use super::socket::{
     DumpPart, NetlinkError, NlSocket, Request, BATCH_BYTES, BATCH_MESSAGES, NETLINK_ROUTE,
@@ -360,6 +360,14 @@ impl NetlinkKernel {
             Err(e) if e.errno() == libc::ENODEV => Ok(()),
             Err(e) => Err(kerr(format!("delete link group {group}"), &e)),
         }
+    }
+
+    /// Binds the tunnel `index` (attributes `t`) to the underlay device `oif`, see [`link_bind`].
+    pub fn bind_tunnel(&mut self, index: u32, t: &Tunnel, oif: u32) -> Result<(), KernelError> {
+        self.route
+            .request(&link_bind(index, t, oif))
+            .map(|_| ())
+            .map_err(|e| kerr(format!("bind tunnel {} to ifindex {oif}", t.name), &e))
     }
 
     /// Sends the queued requests as one batch and records each outcome.

@@ -254,6 +254,29 @@ pub fn link_change(index: u32, t: &Tunnel) -> Request {
     Request::new(RTM_NEWLINK, 0, &tunnel_change_msg(index, t))
 }
 
+/// Changes the tunnel with ifindex `index` to `t` bound to the underlay device `oif`
+/// (`IFLA_IPTUN_LINK`). The kernel tells tunnels with equal endpoints apart by that binding too,
+/// so a second tunnel with the same endpoints and no binding can then be created next to it: how
+/// adoption (SPEC B-7) replaces a foreign tunnel without a gap. `t` must carry every attribute
+/// the link has (a change resets the ones left out).
+pub fn link_bind(index: u32, t: &Tunnel, oif: u32) -> Request {
+    let mut m = tunnel_change_msg(index, t);
+    for a in &mut m.attributes {
+        if let LinkAttribute::LinkInfo(info) = a {
+            for i in info.iter_mut() {
+                if let LinkInfo::Data(InfoData::IpTunnel(d)) = i {
+                    for x in d.iter_mut() {
+                        if let InfoIpTunnel::Link(l) = x {
+                            *l = oif;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Request::new(RTM_NEWLINK, 0, &m)
+}
+
 /// The `RTM_NEWLINK` body that sets link `index` up.
 pub fn set_up_msg(index: u32) -> LinkMessage {
     let mut m = LinkMessage::default();

@@ -12,7 +12,8 @@
 #   vmlinux            the same kernel uncompressed (ELF; QEMU boots it through
 #                      its PVH entry, skipping ~10 s of decompression under TCG)
 #   initramfs.cpio.gz  busybox + bash + iproute2 + ipvsadm + nft + ping +
-#                      tcpdump + shared libraries + modules + /init
+#                      tcpdump + gobgpd/gobgp + bird/birdc + jq + shared
+#                      libraries + modules + /init
 #   kernel-version     e.g. 6.1.0-56-amd64
 #   kernel/<version>/  the unpacked kernel package (kept for rebuilds)
 #
@@ -51,8 +52,11 @@ done
 # ---------------------------------------------------------------- packages --
 # The guest's tools are copied from the host, so they are installed here.
 # busybox-static: a static busybox provides the guest's shell utilities.
+# gobgpd (GoBGP 3.10: gobgpd + the gobgp CLI), bird2 and jq: the kube-router
+# stand-in nodes of the BGP tests (tests/kube-router-standin.sh, tests/bgp_vm.rs).
 krt_ensure_pkgs qemu-system-x86 busybox-static kmod cpio xz-utils \
-  iproute2 ipvsadm nftables iputils-ping tcpdump util-linux coreutils
+  iproute2 ipvsadm nftables iputils-ping tcpdump util-linux coreutils \
+  gobgpd bird2 jq
 
 mkdir -p "$CACHE"
 # One builder at a time per cache directory.
@@ -63,7 +67,7 @@ flock 9
 # Host programs copied into the guest, by absolute path.
 BINS=()
 for b in ip ipvsadm nft bash ping tcpdump timeout env xargs nohup setsid nsenter unshare \
-         chroot ${KRT_VM_EXTRA_BINS:-}; do
+         chroot gobgpd gobgp bird birdc jq ${KRT_VM_EXTRA_BINS:-}; do
   p=$(command -v "$b") || { krt_log "host program $b not found"; exit 1; }
   BINS+=("$(readlink -f "$p")")
 done
