@@ -23,8 +23,6 @@
 //! left alone. kube-router's DSR leftovers (fwmark rules, tables 78/79, iptables mangle rules,
 //! IPVS services) are not adopted: see the README.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use crate::config::{EncapMode, Overlay};
 use crate::model::{Actual, Encap, FouPort, Link, LinkKind, NextHop, Op, Route, Rule, Tunnel};
 use crate::nodes::tunnel_name;
@@ -121,7 +119,7 @@ pub fn binds(actual: &Actual, cfg: &Overlay) -> Vec<Bind> {
 /// Plan the takeover. `bound` holds the ifindexes of kube-router tunnels that are now bound to
 /// their underlay device (the [`binds`] that succeeded): ours is created before theirs is
 /// deleted. The others are deleted first.
-pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u32>) -> Adoption {
+pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &[u32]) -> Adoption {
     let own = &cfg.own;
     let mut a = Adoption::default();
     let encap = match cfg.encap {
@@ -132,9 +130,9 @@ pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u
         },
     };
     // kube-router tunnel name → ours.
-    let mut names: BTreeMap<&str, String> = BTreeMap::new();
+    let mut names: Vec<&str> = Vec::new();
     let mut unbound = Vec::new();
-    let mut moved: BTreeSet<usize> = BTreeSet::new();
+    let mut moved = vec![false; left.routes.len()];
     for l in theirs(actual, cfg) {
         let Some(t) = &l.tunnel else { continue };
         let name = tunnel_name(&own.name_prefix, t.remote);
@@ -145,7 +143,7 @@ pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u
             ));
             continue;
         }
-        names.insert(l.name.as_str(), name.clone());
+        names.push(l.name.as_str());
         let ours = Tunnel {
             name: name.clone(),
             family: t.family,
@@ -159,7 +157,7 @@ pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u
         let mut ops = vec![Op::CreateTunnel(ours)];
         for (i, r) in left.routes.iter().enumerate() {
             if let Some(new) = translate(r, &l.name, &name, cfg) {
-                moved.insert(i);
+                moved[i] = true;
                 ops.push(Op::ReplaceRoute(new));
             }
         }
@@ -178,7 +176,7 @@ pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u
     a.ops.extend(unbound);
     // Direct routes (same subnet): `<cidr> via <node> proto 17` → ours, same key.
     for (i, r) in left.routes.iter().enumerate() {
-        if moved.contains(&i) {
+        if moved[i] {
             continue;
         }
         match &r.nexthop {
@@ -188,7 +186,7 @@ pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u
                     ..r.clone()
                 }));
             }
-            NextHop::Dev(d) if d.starts_with("tun-") && !names.contains_key(d.as_str()) => {}
+            NextHop::Dev(d) if d.starts_with("tun-") && !names.contains(&d.as_str()) => {}
             _ if r.table == MAIN && r.protocol != KUBE_ROUTER_PROTOCOL => {}
             _ => a.notes.push(format!(
                 "route {}: not a kube-router pod route; left alone",
@@ -220,7 +218,7 @@ pub fn plan(actual: &Actual, left: &Leftovers, cfg: &Overlay, bound: &BTreeSet<u
     }
     // FOU: our port, if kube-router opened it, is ours from now on; another port of theirs stays
     // open (peers that still run kube-router send to it) and is reported.
-    let their_ports: BTreeSet<u16> = theirs(actual, cfg)
+    let their_ports: Vec<u16> = theirs(actual, cfg)
         .filter_map(|l| match l.tunnel.as_ref()?.encap {
             Encap::Gue { dport, .. } => Some(dport),
             _ => None,
@@ -405,7 +403,7 @@ mod tests {
         assert_eq!(b.len(), 1, "{b:?}");
         assert_eq!((b[0].index, b[0].oif), (7, 2));
         assert_eq!(b[0].have.name, "tun-e443169117a");
-        let bound: BTreeSet<u32> = b.iter().map(|b| b.index).collect();
+        let bound: Vec<u32> = b.iter().map(|b| b.index).collect();
         let a = plan(&actual, &left, &c, &bound);
         let text: Vec<String> = a.ops.iter().map(|o| o.to_string()).collect();
         let p = c.own.protocol;
@@ -431,7 +429,7 @@ mod tests {
     fn an_unbound_tunnel_is_deleted_first_then_replaced_in_the_same_batch() {
         let c = cfg(&[]);
         let (actual, left) = kube_router_node();
-        let a = plan(&actual, &left, &c, &BTreeSet::new());
+        let a = plan(&actual, &left, &c, &[]);
         let text: Vec<String> = a.ops.iter().map(|o| o.to_string()).collect();
         assert_eq!(text[0], "delete tunnel tun-e443169117a");
         assert!(text[1].starts_with("create tunnel ktc0a8010a "), "{text:?}");
@@ -447,7 +445,7 @@ mod tests {
         actual.routes = left.routes.clone();
         actual.rules = left.rules.clone();
         let mut k = FakeKernel::with(actual.clone());
-        let bound = binds(&actual, &c).iter().map(|b| b.index).collect();
+        let bound: Vec<u32> = binds(&actual, &c).iter().map(|b| b.index).collect();
         let a = plan(&actual, &left, &c, &bound);
         let failed = k.apply(&c.own, &a.ops);
         assert!(failed.is_empty(), "{failed:?}");
@@ -483,7 +481,7 @@ mod tests {
                 .cloned()
                 .collect(),
         };
-        let again = plan(s, &left2, &c, &BTreeSet::new());
+        let again = plan(s, &left2, &c, &[]);
         assert!(again.ops.is_empty(), "{:?}", again.ops);
     }
 
@@ -504,7 +502,7 @@ mod tests {
             up: true,
             tunnel: None,
         });
-        let a = plan(&actual, &left, &c, &BTreeSet::new());
+        let a = plan(&actual, &left, &c, &[]);
         assert!(!a
             .ops
             .iter()
@@ -524,7 +522,7 @@ mod tests {
     fn only_our_port_is_adopted() {
         let c = cfg(&["--overlay-encap=fou", "--overlay-encap-port=6000"]);
         let (actual, left) = kube_router_node();
-        let a = plan(&actual, &left, &c, &BTreeSet::new());
+        let a = plan(&actual, &left, &c, &[]);
         assert!(a.fou.is_empty());
         assert!(
             a.notes.iter().any(|n| n.contains("fou port ipv4 5555")),

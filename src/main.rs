@@ -407,16 +407,16 @@ fn adopt_kube_router(cfg: &Config, kernel: &mut NetlinkKernel) -> bool {
             return false;
         }
     };
-    let mut bound = std::collections::BTreeSet::new();
+    let mut bound = Vec::new();
     for b in adopt::binds(&actual, ov) {
         if cfg.dry_run {
             println!("would bind tunnel {} to ifindex {}", b.have.name, b.oif);
-            bound.insert(b.index);
+            bound.push(b.index);
             continue;
         }
         match kernel.bind_tunnel(b.index, &b.have, b.oif) {
             Ok(()) => {
-                bound.insert(b.index);
+                bound.push(b.index);
             }
             Err(e) => log::warn!("adopt: {e}; it is replaced delete-first"),
         }
