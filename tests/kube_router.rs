@@ -327,8 +327,14 @@ mod tests {
                 standin_logs(&c)
             );
             let log = std::fs::read_to_string(c.dir.join("b.log")).unwrap_or_default();
+            let adopt: Vec<&str> = log.lines().filter(|l| l.contains("adopt:")).collect();
+            eprintln!("adoption log:\n{}", adopt.join("\n"));
+            // Both tunnels (IPv4, IPv6) to c were bound first, so ours was created before theirs
+            // went; nothing failed.
             assert!(
-                log.contains("adopt: kube-router's state taken over"),
+                log.contains("kube-router's state taken over")
+                    && log.contains("2 tunnels bound first")
+                    && log.contains(" 0 failures)"),
                 "{log}"
             );
             let fou = std::fs::read_to_string(c.dir.join("state-b").join("fou-ports"))
