@@ -25,7 +25,7 @@
 
 use crate::config::{EncapMode, Overlay};
 use crate::model::{Actual, Encap, FouPort, Link, LinkKind, NextHop, Op, Route, Rule, Tunnel};
-use crate::nodes::tunnel_name;
+use crate::nodes::{overhead, rx_tunnel_name, tunnel_name};
 
 /// kube-router's policy-routing table (`routes/pbr.go`).
 pub const KUBE_ROUTER_TABLE: u32 = 77;
@@ -90,6 +90,49 @@ fn underlay(actual: &Actual, t: &Tunnel) -> Option<u32> {
         .iter()
         .find(|a| a.addr.addr() == t.local)
         .map(|a| a.index)
+}
+
+/// kr-tunneld's receive-only tunnels (remote any, see [`crate::nodes`]) for the families kube-router
+/// tunnels, if missing: created before anything is bound. Binding changes a tunnel in place, and
+/// the kernel unhashes it meanwhile (an RCU grace period for ip6tnl); packets from that peer
+/// arriving then are caught by this device instead of being dropped (seen in the VM: 1 of ~1,040
+/// IPv6 pings lost without it).
+pub fn receivers(actual: &Actual, cfg: &Overlay) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for l in theirs(actual, cfg) {
+        let Some(t) = &l.tunnel else { continue };
+        let name = rx_tunnel_name(&cfg.own.name_prefix, t.family);
+        let exists = |n: &str| actual.links.iter().any(|x| x.name == n);
+        if exists(&name)
+            || ops
+                .iter()
+                .any(|o| matches!(o, Op::CreateTunnel(x) if x.name == name))
+        {
+            continue;
+        }
+        let underlay = underlay(actual, t)
+            .and_then(|i| actual.links.iter().find(|x| x.index == i))
+            .map_or(1500, |x| x.mtu);
+        let mtu = if cfg.mtu != 0 {
+            cfg.mtu
+        } else {
+            underlay.saturating_sub(overhead(t.family, &Encap::None))
+        };
+        ops.push(Op::CreateTunnel(Tunnel {
+            name,
+            family: t.family,
+            local: t.local,
+            remote: match t.family {
+                crate::model::Family::V4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                crate::model::Family::V6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            encap: Encap::None,
+            ttl: cfg.ttl,
+            pmtudisc: true,
+            mtu,
+        }));
+    }
+    ops
 }
 
 /// The kube-router tunnels to bind before [`plan`] runs: every one whose local address is on a
@@ -423,6 +466,27 @@ mod tests {
         assert_eq!(a.fou, actual.fou);
         assert_eq!(a.notes.len(), 1, "{:?}", a.notes);
         assert!(a.notes[0].contains("10.9.0.0/16"), "{:?}", a.notes);
+    }
+
+    #[test]
+    fn receive_only_tunnels_come_first_and_once() {
+        let c = cfg(&[]);
+        let (mut actual, _) = kube_router_node();
+        let ops: Vec<String> = receivers(&actual, &c)
+            .iter()
+            .map(|o| o.to_string())
+            .collect();
+        assert_eq!(
+            ops,
+            vec![
+                "create tunnel ktrx4 local 192.168.2.12 remote 0.0.0.0 encap ipip ttl 64 mtu 1480"
+            ]
+        );
+        actual.links.push(Link {
+            name: "ktrx4".into(),
+            ..actual.links[1].clone()
+        });
+        assert!(receivers(&actual, &c).is_empty());
     }
 
     #[test]

@@ -407,6 +407,14 @@ fn adopt_kube_router(cfg: &Config, kernel: &mut NetlinkKernel) -> bool {
             return false;
         }
     };
+    let rx = adopt::receivers(&actual, ov);
+    if cfg.dry_run {
+        rx.iter().for_each(|op| println!("would {op}"));
+    } else {
+        for (_, e) in kernel.apply(&ov.own, &rx) {
+            log::warn!("adopt: {e}");
+        }
+    }
     let mut bound = Vec::new();
     for b in adopt::binds(&actual, ov) {
         if cfg.dry_run {
