@@ -52,12 +52,8 @@ impl fmt::Display for KernelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.op)?;
         if self.errno != 0 {
-            write!(
-                f,
-                "{} (os error {})",
-                std::io::Error::from_raw_os_error(self.errno),
-                self.errno
-            )?;
+            // io::Error's text already ends in "(os error N)".
+            write!(f, "{}", std::io::Error::from_raw_os_error(self.errno))?;
             if !self.msg.is_empty() {
                 write!(f, ": {}", self.msg)?;
             }
@@ -246,5 +242,25 @@ impl Kernel for FakeKernel {
             .filter(|l| names.contains(&l.name.as_str()))
             .cloned()
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelError;
+
+    /// SPEC R-2, issue 12: the errno appears once ("(os error 2)" was printed twice).
+    #[test]
+    fn kernel_error_names_the_errno_once() {
+        let e = KernelError {
+            op: "add fou port ipv4 5555".into(),
+            errno: libc::ENOENT,
+            msg: "generic netlink family fou not found".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "add fou port ipv4 5555: No such file or directory (os error 2): \
+             generic netlink family fou not found"
+        );
     }
 }

@@ -206,6 +206,9 @@ pub struct Daemon<K: Kernel> {
     owned_fou: BTreeSet<FouPort>,
     last_diags: BTreeSet<Diag>,
     last_problems: BTreeSet<String>,
+    /// The last pass logged a problem not seen before (else its failures were reported already,
+    /// and its summary is not repeated at warning level).
+    new_problems: bool,
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
     dsr: Option<DsrShell>,
@@ -240,6 +243,7 @@ impl<K: Kernel> Daemon<K> {
             owned_fou,
             last_diags: BTreeSet::new(),
             last_problems: BTreeSet::new(),
+            new_problems: false,
             services: Cache::new(),
             slices: Cache::new(),
             dsr: None,
@@ -337,12 +341,14 @@ impl<K: Kernel> Daemon<K> {
         scope: Option<&BTreeSet<String>>,
     ) {
         let mut diags: BTreeSet<Diag> = diags.into_iter().collect();
+        self.new_problems = false;
         for d in diags.difference(&self.last_diags) {
             log::warn!("{d}");
         }
         let problems: BTreeSet<String> = problems.into_iter().collect();
         for p in problems.difference(&self.last_problems) {
             log::warn!("{p}");
+            self.new_problems = true;
         }
         match scope {
             None => {
@@ -556,8 +562,11 @@ impl<K: Kernel> Daemon<K> {
         self.metrics.record(&census, ops, errors, elapsed);
         self.metrics.dsr_services = dsr_services;
         if ops > 0 {
-            if errors > 0 {
+            if errors > 0 && self.new_problems {
                 log::warn!("{summary}");
+            } else if errors > 0 {
+                // The same failures as before, each reported once already (issue 12).
+                log::debug!("{summary}");
             } else {
                 log::info!("{summary}");
             }

@@ -92,6 +92,24 @@ pub fn detect_style() -> Style {
     }
 }
 
+/// Writes an error found before [`init`] (usage, configuration) to stderr as `kr-tunneld: MSG`,
+/// with the error priority `<3>` on every line when stderr is the journal, so that
+/// `journalctl -p warning` shows why the unit failed.
+pub fn early_error(msg: &str) {
+    let prefix = match detect_style() {
+        Style::Journal => "<3>",
+        Style::Plain => "",
+    };
+    let mut text = String::new();
+    for line in format!("kr-tunneld: {msg}").lines() {
+        text.push_str(prefix);
+        text.push_str(line);
+        text.push('\n');
+    }
+    // Nothing to do if stderr is gone.
+    let _ = io::stderr().write_all(text.as_bytes());
+}
+
 /// `(st_dev, st_ino)` of stderr, by fstat(2) on a duplicate of the descriptor.
 fn stderr_id() -> Option<(u64, u64)> {
     use std::os::fd::AsFd;

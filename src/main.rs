@@ -39,14 +39,14 @@ fn main() -> ExitCode {
         }
         Ok(Parsed::Args(a)) => a,
         Err(e) => {
-            eprintln!("kr-tunneld: {e}\ntry 'kr-tunneld --help'");
+            logging::early_error(&format!("{e}\ntry 'kr-tunneld --help'"));
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let cfg = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("kr-tunneld: {e}");
+            logging::early_error(&e.to_string());
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -138,9 +138,41 @@ fn dsr_shell(cfg: &Config, cleanup: bool) -> Option<DsrShell> {
     })
 }
 
+/// How long the start waits for the first full reconcile before READY=1 is sent anyway (SPEC
+/// S-5): with the API server unreachable (at boot, an outage) `systemctl start`, dpkg's
+/// try-restart and the boot itself must not wait for it. Well inside the unit's start timeout
+/// (systemd's default, 90 s). The kernel state is kept as it is meanwhile; STATUS says why.
+const READY_WAIT: Duration = Duration::from_secs(20);
+
+/// READY=1 at the first full reconcile or after [`READY_WAIT`], whichever comes first; the flag
+/// is held while sending so the two senders never interleave.
+fn ready_after_wait(notifier: Arc<Notifier>, ready: Arc<Mutex<bool>>, server: String) {
+    std::thread::spawn(move || {
+        std::thread::sleep(READY_WAIT);
+        let mut done = ready.lock().unwrap_or_else(|p| p.into_inner());
+        if !*done {
+            *done = true;
+            log::warn!(
+                "no full reconcile {}s after start: start-up reported done to systemd; \
+                 waiting for the API server {server}, kernel state kept as it is",
+                READY_WAIT.as_secs()
+            );
+            notifier.ready(&waiting_status(&server));
+        }
+    });
+}
+
+fn waiting_status(server: &str) -> String {
+    format!("waiting for the API server {server} (no full reconcile yet); kernel state kept")
+}
+
 struct MainHooks {
-    notifier: Notifier,
-    ready: bool,
+    notifier: Arc<Notifier>,
+    /// READY=1 was sent (by the first reconcile or [`ready_after_wait`]).
+    ready: Arc<Mutex<bool>>,
+    /// A full reconcile has been done.
+    reconciled: bool,
+    server: String,
     page: Arc<Mutex<String>>,
     metrics_file: Option<std::path::PathBuf>,
     stats: Arc<WatchStats>,
@@ -178,8 +210,10 @@ impl Hooks for MainHooks {
         }
         self.publish(m);
         if first {
+            let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
             self.notifier.ready(&outcome.summary);
-            self.ready = true;
+            *ready = true;
+            self.reconciled = true;
         } else {
             self.notifier.status(&outcome.summary);
         }
@@ -190,11 +224,8 @@ impl Hooks for MainHooks {
         if self.watchdog {
             self.notifier.watchdog();
         }
-        if !self.ready {
-            // The API server may be unreachable at boot: READY=1 waits for the first reconcile,
-            // so keep systemd from timing the start out meanwhile.
-            self.notifier.extend_timeout(Duration::from_secs(60));
-            self.notifier.status("waiting for the first list of Nodes");
+        if !self.reconciled {
+            self.notifier.status(&waiting_status(&self.server));
         }
     }
 
@@ -359,9 +390,15 @@ fn run(cfg: Config) -> ExitCode {
     } else {
         None
     };
+    let notifier = Arc::new(Notifier::from_env());
+    let ready = Arc::new(Mutex::new(false));
+    let server = client.server().to_string();
+    ready_after_wait(notifier.clone(), ready.clone(), server.clone());
     let mut hooks = MainHooks {
-        notifier: Notifier::from_env(),
-        ready: false,
+        notifier,
+        ready,
+        reconciled: false,
+        server,
         page,
         metrics_file: cfg.metrics_file.clone(),
         stats,
@@ -488,7 +525,7 @@ fn status(cfg: Config) -> ExitCode {
     let actual = match kernel.read(&own) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("kr-tunneld: reading kernel state: {e}");
+            log::error!("reading kernel state: {e}");
             return ExitCode::FAILURE;
         }
     };

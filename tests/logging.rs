@@ -159,3 +159,49 @@ fn init_honours_rust_log() {
         "{text}"
     );
 }
+
+/// The real binary with stderr going to a file named by JOURNAL_STREAM (as under systemd) and
+/// `env`/`args`: its exit status and what it wrote to stderr.
+fn binary_under_journal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let path = std::env::temp_dir().join(format!(
+        "kr-logging-bin-{}-{}",
+        std::process::id(),
+        args.len() + env.len()
+    ));
+    let file = std::fs::File::create(&path).unwrap();
+    let md = file.metadata().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kr-tunneld"));
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.stdout(Stdio::null()).stderr(file).status().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    (status.code(), text)
+}
+
+/// SPEC O-3, issue 12: configuration and usage errors are found before logging is set up; under
+/// systemd they still carry the error priority on every line, so `journalctl -p warning` shows
+/// them.
+#[test]
+fn configuration_errors_carry_priority_3_under_journald() {
+    let cases: [(&[&str], &[(&str, &str)]); 3] = [
+        (&[], &[("KR_TUNNELD_OVERLAY_TYPE", "bogus")]),
+        (&["--no-such-flag"], &[]),
+        (&["--overlay-encap-port=1"], &[]),
+    ];
+    for (args, env) in cases {
+        let (code, text) = binary_under_journal(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {text}");
+        assert!(!text.is_empty(), "{args:?} {env:?}: nothing on stderr");
+        for line in text.lines() {
+            assert!(
+                line.starts_with("<3>"),
+                "{args:?} {env:?}: line without the error priority: {line:?}\n{text}"
+            );
+        }
+    }
+}

@@ -5,12 +5,15 @@
 #                                   integration tests (no root needed)
 #   2. tests/run-kernel-tests.sh    the #[ignore]d kernel tests, as root, on the
 #                                   host kernel or in a QEMU guest (see there)
+#   3. tests/run-kernel-tests.sh --systemd
+#                                   the sysvm:: tests: the .deb in a Debian 12 VM
+#                                   with systemd as PID 1 (tests/vm/README.md)
 #
-# Both phases always run.  Exit status: 0 only if both pass.  The last line is
-# "N passed, N failed", summed over both phases from cargo's "test result:"
+# Every phase always runs.  Exit status: 0 only if all pass.  The last line is
+# "N passed, N failed", summed over the phases from cargo's "test result:"
 # lines; a phase that fails without reporting a failed test (build error, VM
 # crash) counts as one failure.
-# Env: KRT_SKIP_KERNEL_TESTS=1 skips phase 2 (says so; for quick local runs).
+# Env: KRT_SKIP_KERNEL_TESTS=1 skips phases 2 and 3 (says so; for quick local runs).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 125
@@ -58,9 +61,10 @@ fi
 
 phase cargo-test cargo test
 if [[ ${KRT_SKIP_KERNEL_TESTS:-0} == 1 ]]; then
-  SUMMARY+=("kernel-tests: SKIPPED (KRT_SKIP_KERNEL_TESTS=1)")
+  SUMMARY+=("kernel-tests, systemd-tests: SKIPPED (KRT_SKIP_KERNEL_TESTS=1)")
 else
   phase kernel-tests bash tests/run-kernel-tests.sh
+  phase systemd-tests bash tests/run-kernel-tests.sh --systemd
 fi
 
 echo "=== summary ($(($(date +%s) - T0))s)"

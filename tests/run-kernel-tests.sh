@@ -2,7 +2,13 @@
 # run-kernel-tests.sh - run the privileged (#[ignore]d) integration tests
 # against a real kernel, as root, one test at a time.
 #
-# Usage: tests/run-kernel-tests.sh [extra test-binary args, e.g. a name filter]
+# Usage: tests/run-kernel-tests.sh [--systemd] [extra test-binary args, e.g. a name filter]
+#
+# --systemd: run the sysvm:: tests instead (tests/sysvm.rs), always in a VM
+#    booted from build-rootfs.sh's Debian 12 image with systemd as PID 1, with
+#    the .deb of packaging/build.sh (built from the same binary) in
+#    KRT_DEB; the guest's journal is saved to <target dir>/systemd-tests/
+#    journal.log. Without it, the sysvm:: tests are skipped.
 #
 # 1. Builds the integration test binary (cargo test --no-run --test tests) and
 #    kr-tunneld (debug; KRT_BIN_PROFILE=release for the release build).
@@ -30,6 +36,8 @@ cd "$ROOT"
 
 T0=$(date +%s.%N)
 MODE=${KRT_KERNEL_TESTS:-auto}
+SYSTEMD=0
+if [[ ${1:-} == --systemd ]]; then SYSTEMD=1 MODE=vm KRT_LOG_TAG=systemd-tests; shift; fi
 case $MODE in auto|host|vm) ;; *) krt_log "KRT_KERNEL_TESTS must be auto, host or vm"; exit 2 ;; esac
 
 # ------------------------------------------------------------------- build --
@@ -65,16 +73,36 @@ host_can_run() {
 if [[ $MODE == auto ]]; then
   if host_can_run; then MODE=host; else MODE=vm; fi
 fi
+SYSVM=()
+if ((SYSTEMD)); then
+  # The package an operator installs, from the binary just built (no lintian here:
+  # tests/packaging.rs lints).
+  krt_ensure_pkgs dpkg-dev jq
+  rm -rf "$TARGET/sysvm-deb"
+  bash "$ROOT/packaging/build.sh" --only deb --binary "$BIN" --out "$TARGET/sysvm-deb" >/dev/null
+  DEB=$(ls "$TARGET"/sysvm-deb/*.deb)
+  krt_log "package $DEB"
+  SYSVM=(--systemd --journal "$TARGET/systemd-tests/journal.log")
+fi
 
 ENVS=("KR_TUNNELD_BIN=$BIN" "RUST_BACKTRACE=${RUST_BACKTRACE:-1}" "CARGO_MANIFEST_DIR=$ROOT")
+((SYSTEMD)) && ENVS+=("KRT_DEB=$DEB")
 [[ -n ${RUST_LOG:-} ]] && ENVS+=("RUST_LOG=$RUST_LOG")
 while IFS='=' read -r name _; do
   [[ $name == KR_TUNNELD_BIN ]] || ENVS+=("$name=${!name}")
 done < <(env | grep -E '^KR_[A-Za-z0-9_]*=' || true)
-ARGS=(--ignored --test-threads=1 "$@")
+if ((SYSTEMD)); then
+  # A name filter given here replaces sysvm:: (name sysvm tests only).
+  (($#)) || set -- sysvm::
+  # --show-output: the tests print the figures they measure.
+  ARGS=(--ignored --test-threads=1 --show-output "$@")
+else
+  ARGS=(--ignored --test-threads=1 --skip sysvm:: "$@")
+fi
 
 # ------------------------------------------------------------------- run --
 LOGDIR=$TARGET/kernel-tests
+((SYSTEMD == 0)) || LOGDIR=$TARGET/systemd-tests
 mkdir -p "$LOGDIR"
 T1=$(date +%s.%N)
 set +e
@@ -94,7 +122,7 @@ else
   VMENV=()
   for e in "${ENVS[@]}"; do VMENV+=(--env "$e"); done
   STATS=$(mktemp)
-  bash "$HERE/vm/run-in-vm.sh" "${SHARE[@]}" --cwd "$ROOT" "${VMENV[@]}" \
+  bash "$HERE/vm/run-in-vm.sh" "${SYSVM[@]}" "${SHARE[@]}" --cwd "$ROOT" "${VMENV[@]}" \
     --console-log "$LOGDIR/console.log" --dmesg "$LOGDIR/dmesg.log" --stats "$STATS" \
     -- "$TESTBIN" "${ARGS[@]}"
   rc=$?

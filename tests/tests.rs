@@ -38,6 +38,9 @@ mod dsr_kernel;
 mod fuzz_replay;
 #[path = "fuzz/targets.rs"]
 mod fuzz_targets;
+// Through real systemd in a Debian 12 VM: the .deb, the unit, journald (root; #[ignore]d,
+// run by tests/run-kernel-tests.sh --systemd).
+mod sysvm;
 // Fault soak: kill -9 mid-converge and API faults against the real binary (root; #[ignore]d).
 mod soak;
 // Liveness against a real kernel: SIGTERM mid-pass, drift repaired from rtnetlink notifications (root; #[ignore]d).

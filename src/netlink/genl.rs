@@ -284,7 +284,7 @@ impl Genl {
         let replies = self.sock.request(&getfamily(name)).map_err(|e| match e {
             NetlinkError::Kernel { errno, extack } if errno == libc::ENOENT => {
                 let extack = if extack.is_empty() {
-                    format!("generic netlink family {name} not found (module not loaded?)")
+                    missing_module(name)
                 } else {
                     extack
                 };
@@ -357,6 +357,18 @@ impl Genl {
             sock.dump_fold(&build(id), &mut start, &mut each)
         })
     }
+}
+
+/// What to do when a generic netlink family is missing: its module is not loaded. `fou` has no
+/// module alias for its family on 6.1 and IPVS is loaded on demand only by ipvsadm, and the unit
+/// may not load modules (ProtectKernelModules=yes).
+fn missing_module(family: &str) -> String {
+    let module = if family == "IPVS" { "ip_vs" } else { family };
+    format!(
+        "generic netlink family {family} not found: the kernel module {module} is not loaded; \
+         run `modprobe {module}` (the package lists it in \
+         /usr/lib/modules-load.d/kr-tunneld.conf, loaded at boot and on installation)"
+    )
 }
 
 #[cfg(test)]

@@ -19,6 +19,11 @@
 #                      must be inside a shared DIR
 #   --stats FILE       write boot=, command=, wall=, rc= lines (seconds) to FILE
 #   --timeout SECS     kill the VM after SECS (default 1800, env KRT_VM_TIMEOUT)
+#   --systemd          boot build-rootfs.sh's Debian 12 image with systemd as
+#                      PID 1 instead of the busybox initramfs; the command runs
+#                      from krt-run.service after basic.target (see README.md)
+#   --journal FILE     (--systemd) after the command, save `journalctl -b` to
+#                      FILE, which must be inside a shared DIR
 #   --shell            no command: an interactive shell (Ctrl-A X quits QEMU)
 # Env: KRT_VM_CACHE      cache dir of build-initramfs.sh (default /var/tmp/kr-tunneld-vm)
 #      KRT_VM_MEM        guest RAM in MiB (default 1024)
@@ -47,7 +52,7 @@ MEM=${KRT_VM_MEM:-1024}
 SMP=${KRT_VM_SMP:-$(( $(nproc) > 2 ? 2 : 1 ))}
 TIMEOUT=${KRT_VM_TIMEOUT:-1800}
 SHARES=() COPIES=() ENVS=()
-CWD='' CONSOLE_LOG='' DMESG='' STATS='' SHELL_MODE=0
+CWD='' CONSOLE_LOG='' DMESG='' JOURNAL='' STATS='' SHELL_MODE=0 SYSTEMD=0
 
 die() { krt_log "$*"; exit 125; }
 while (($#)); do
@@ -63,6 +68,8 @@ while (($#)); do
     --stats)       STATS=$2; shift 2 ;;
     --timeout)     TIMEOUT=$2; shift 2 ;;
     --shell)       SHELL_MODE=1; shift ;;
+    --systemd)     SYSTEMD=1; shift ;;
+    --journal)     JOURNAL=$2; shift 2 ;;
     --)            shift; break ;;
     -h|--help)     sed -n '2,/^set -e/p' "$0" | sed 's/^# \{0,1\}//;$d'; exit 0 ;;
     -*)            die "unknown option $1" ;;
@@ -73,6 +80,13 @@ done
 
 # Kernel + base initramfs (cached; rebuilt only when missing or outdated).
 "$HERE/build-initramfs.sh" || die "build-initramfs.sh failed"
+BASE_INITRD=$CACHE/initramfs.cpio.gz ROOTDISK=()
+if ((SYSTEMD)); then
+  "$HERE/build-rootfs.sh" || die "build-rootfs.sh failed"
+  BASE_INITRD=$CACHE/systemd/initrd.cpio.gz
+  # snapshot=on: guest writes go to a temporary file, the image stays as built.
+  ROOTDISK=(-drive "file=$CACHE/systemd/rootfs.img,if=virtio,format=raw,snapshot=on")
+fi
 
 ACCEL=${KRT_VM_ACCEL:-auto}
 if [[ $ACCEL == auto ]]; then
@@ -114,7 +128,7 @@ for c in "${COPIES[@]}"; do
   [[ -f $src ]] || die "--copy: no such file $src"
   install -D -m "$(stat -c %a "$src")" "$src" "$OV$dst"
   [[ $dst == /krt/bin/* ]] && chmod 0755 "$OV$dst"
-  if [[ $(head -c4 "$src") == $'\x7fELF' ]]; then
+  if ((!SYSTEMD)) && [[ $(head -c4 "$src") == $'\x7fELF' ]]; then
     { ldd "$src" 2>/dev/null || true; } |
       awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' |
       while read -r lib; do
@@ -140,6 +154,12 @@ if [[ -n $DMESG ]]; then
   mkdir -p "$(dirname "$DMESG")"
   echo "$DMESG" > "$OV/krt/dmesg"
 fi
+if [[ -n $JOURNAL ]]; then
+  JOURNAL=$(realpath -m "$JOURNAL")
+  shared "$JOURNAL" || die "--journal $JOURNAL is not inside a --share directory"
+  mkdir -p "$(dirname "$JOURNAL")"
+  echo "$JOURNAL" > "$OV/krt/journal"
+fi
 if [[ -z $CWD ]]; then
   CWD=/root
   if shared "$(pwd -P)"; then CWD=$(pwd -P); fi
@@ -163,7 +183,7 @@ if ((! SHELL_MODE)); then
 fi
 (cd "$OV" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) |
   gzip -1 > "$WORK/overlay.cpio.gz"
-cat "$CACHE/initramfs.cpio.gz" "$WORK/overlay.cpio.gz" > "$WORK/initrd.img"
+cat "$BASE_INITRD" "$WORK/overlay.cpio.gz" > "$WORK/initrd.img"
 
 # ---------------------------------------------------------------------- boot --
 # vmlinux (uncompressed ELF) boots through PVH and skips the bzImage's slow
@@ -173,10 +193,11 @@ KERNEL=$CACHE/vmlinux
 # cryptomgr.notests: skip crypto self-tests (seconds under TCG).
 # panic=-1 + -no-reboot: a guest panic ends QEMU at once (exit 125 here).
 APPEND="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off cryptomgr.notests"
+((SYSTEMD)) && APPEND+=" systemd.show_status=error"
 APPEND+=" ${KRT_VM_APPEND:-}"
 QARGS=(-accel "$ACCEL" -cpu "$CPU" -M pc -m "$MEM" -smp "$SMP"
        -nodefaults -no-user-config -display none -no-reboot
-       -kernel "$KERNEL" -initrd "$WORK/initrd.img" "${QSHARE[@]}")
+       -kernel "$KERNEL" -initrd "$WORK/initrd.img" "${QSHARE[@]}" "${ROOTDISK[@]}")
 # shellcheck disable=SC2206  # word splitting wanted
 QARGS+=(${KRT_VM_QEMU_ARGS:-})
 
