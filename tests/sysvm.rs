@@ -372,4 +372,9 @@ fn sysvm_missing_module_is_reported_once_with_what_to_do() {
         "{}",
         fou_lines[0]
     );
+    let summaries = warnings.matches("failed=").count();
+    assert!(
+        summaries <= 1,
+        "the same failures summarised {summaries} times at warning level:\n{warnings}"
+    );
 }
