@@ -188,7 +188,8 @@ fn binary_under_journal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, St
 /// them.
 #[test]
 fn configuration_errors_carry_priority_3_under_journald() {
-    let cases: [(&[&str], &[(&str, &str)]); 3] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 3] = [
         (&[], &[("KR_TUNNELD_OVERLAY_TYPE", "bogus")]),
         (&["--no-such-flag"], &[]),
         (&["--overlay-encap-port=1"], &[]),

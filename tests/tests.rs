@@ -40,6 +40,7 @@ mod fuzz_replay;
 mod fuzz_targets;
 // Through real systemd in a Debian 12 VM: the .deb, the unit, journald (root; #[ignore]d,
 // run by tests/run-kernel-tests.sh --systemd).
+#[cfg(test)]
 mod sysvm;
 // Fault soak: kill -9 mid-converge and API faults against the real binary (root; #[ignore]d).
 mod soak;
