@@ -155,6 +155,36 @@ fn established_peers(c: &Cluster, node: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// (prefix, next hop) of every path `node`'s gobgpd holds from `peer`, both families, and whether
+/// any of them is stale.
+fn learned_from(c: &Cluster, node: &str, peer: &str) -> (Vec<(String, String)>, bool) {
+    let mut out = Vec::new();
+    let mut stale = false;
+    for fam in ["ipv4", "ipv6"] {
+        let o = c.exec(node, &format!("gobgp global rib -j -a {fam}"));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        for paths in v.as_object().into_iter().flat_map(|m| m.values()) {
+            for p in paths.as_array().into_iter().flatten() {
+                if p["neighbor-ip"] != peer {
+                    continue;
+                }
+                stale |= p["stale"] == true;
+                let nh = p["attrs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|a| a["type"] == 3 || a["type"] == 14)
+                    .and_then(|a| a["nexthop"].as_str())
+                    .unwrap_or("")
+                    .to_string();
+                out.push((p["nlri"]["prefix"].as_str().unwrap_or("").to_string(), nh));
+            }
+        }
+    }
+    out.sort();
+    (out, stale)
+}
+
 /// Something listens on TCP port 179 in `node`'s namespace.
 fn listens_on_179(c: &Cluster, node: &str) -> bool {
     // /proc/net/tcp{,6}: local address "IP:PORT" in hex, state 0A = LISTEN.
@@ -272,14 +302,97 @@ mod tests {
         });
     }
 
+    /// Issue 14, mixed cluster: kube-router stand-ins on a (b's subnet) and c (behind the router),
+    /// kr-tunneld with `--enable-ibgp --bgp-graceful-restart` on b. Both stand-ins establish with
+    /// b and learn exactly b's pod CIDRs (IPv4, and IPv6 in MP_REACH) with b's addresses as next
+    /// hop; all pods ping each other (a-b direct, b-c tunnels, both families). Then kr-tunneld on
+    /// b is killed (-9) and started again while pods ping b every 10 ms: the stand-ins keep b's
+    /// routes as stale meanwhile, the new process re-announces them, and no reply is missing.
+    #[test]
+    #[ignore = "needs root, ipip/ip6_tunnel and gobgpd: run by tests/run-kernel-tests.sh"]
+    fn mixed_cluster_routes_pods_and_a_graceful_restart_loses_no_ping() {
+        const BGP: &[&str] = &["--enable-ibgp", "--bgp-graceful-restart"];
+        rig::in_new_netns(|| {
+            let mut c = Cluster::new("x");
+            for n in ["a", "c"] {
+                start_standin(&c, n, "KRS_GR=90");
+            }
+            let t0 = std::time::Instant::now();
+            c.start("b", BGP);
+            wait_standins(&c, &["a", "c"]);
+            eprintln!(
+                "mixed: both stand-ins established with b and routing its pods {:.1} s after start",
+                t0.elapsed().as_secs_f64()
+            );
+            let log = std::fs::read_to_string(c.dir.join("b.log")).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("starting: node") || l.contains("bgp: peer"))
+                .collect();
+            eprintln!("mixed: b's start and session lines:\n{}", lines.join("\n"));
+            let want = vec![
+                ("10.244.1.0/24".to_string(), "192.168.1.11".to_string()),
+                ("fd10:0:0:1::/64".to_string(), "fd00:1::11".to_string()),
+            ];
+            for n in ["a", "c"] {
+                assert_eq!(learned_from(&c, n, "192.168.1.11").0, want, "{n}");
+            }
+            all_pairs_ping(&c);
+
+            let pingers = [("a", "b", false), ("c", "b", false), ("c", "b", true)]
+                .map(|(x, y, v6)| ((x, y, v6), Pinger::start(&c, x, y, v6)));
+            std::thread::sleep(Duration::from_secs(1));
+            c.kill9("b");
+            let t1 = std::time::Instant::now();
+            c.start("b", BGP);
+            wait(
+                &c,
+                "a and c: b re-established, its routes fresh",
+                120,
+                |c| {
+                    ["a", "c"].iter().all(|n| {
+                        let (paths, stale) = learned_from(c, n, "192.168.1.11");
+                        established_peers(c, n) == 2 && paths == want && !stale
+                    })
+                },
+            );
+            eprintln!(
+                "mixed: b's routes fresh again {:.1} s after the restart",
+                t1.elapsed().as_secs_f64()
+            );
+            std::thread::sleep(Duration::from_secs(2));
+            let mut report = Vec::new();
+            for ((x, y, v6), p) in pingers {
+                let (max, missing) = p.finish();
+                report.push(format!(
+                    "{x}->{y} ipv6={v6}: {max} sent, {} lost {missing:?}",
+                    missing.len()
+                ));
+                assert!(max > 100, "{x}->{y} ipv6={v6}: only {max} replies");
+            }
+            eprintln!("graceful restart losses: {report:#?}");
+            assert!(
+                report.iter().all(|r| r.contains(", 0 lost")),
+                "{report:#?}\n{}\n{}",
+                c.logs(),
+                standin_logs(&c)
+            );
+            c.stop("b");
+            for n in ["a", "c"] {
+                stop_standin(&c, n, "cease");
+            }
+        });
+    }
+
     /// SPEC B-7: a kube-router node (stand-in, GUE on 5555, graceful restart 90 s) is migrated to
     /// kr-tunneld: its BGP speaker and injector stop like kube-router with graceful restart
     /// (kernel state kept, peers keep its routes as stale), and kr-tunneld starts with
-    /// `--adopt-kube-router`. Pods ping every 10 ms from the migrated node to a tunnelled peer
+    /// `--adopt-kube-router --enable-ibgp --bgp-graceful-restart`; the other nodes learn its pod
+    /// CIDRs from kr-tunneld before their stale timer runs out. Pods ping every 10 ms from the migrated node to a tunnelled peer
     /// (IPv4 and IPv6) and to a peer in its subnet (direct route): no reply is missing. Afterwards
     /// nothing of kube-router's is left on the node (no tun-* link, no proto-17 route, no foreign
-    /// table-77 route or lookup-77 rule), its GUE port is recorded as kr-tunneld's, and nothing
-    /// listens on the BGP port (BGP is off by default).
+    /// table-77 route or lookup-77 rule), its GUE port is recorded as kr-tunneld's; restarted
+    /// without `--enable-ibgp`, nothing listens on the BGP port.
     #[test]
     #[ignore = "needs root, ipip/ip6_tunnel/fou and gobgpd: run by tests/run-kernel-tests.sh"]
     fn migrating_a_kube_router_node_loses_no_ping_and_leaves_nothing_of_kube_router() {
@@ -298,7 +411,13 @@ mod tests {
                 .map(|(x, y, v6)| ((x, y, v6), Pinger::start(&c, x, y, v6)));
             std::thread::sleep(Duration::from_secs(1));
             stop_standin(&c, "b", "stop");
-            c.start("b", &["--adopt-kube-router", "--overlay-encap=fou"]);
+            let flags = [
+                "--adopt-kube-router",
+                "--overlay-encap=fou",
+                "--enable-ibgp",
+                "--bgp-graceful-restart",
+            ];
+            c.start("b", &flags);
             wait(&c, "b: kr-tunneld's two GUE tunnels to c", 60, |c| {
                 let t = c.tunnels("b");
                 t.len() == 2
@@ -307,6 +426,18 @@ mod tests {
             });
             wait(&c, "b: nothing of kube-router left", 30, |c| {
                 kube_router_objects(c, "b").is_empty()
+            });
+            // The other nodes learn b's pod CIDRs again from kr-tunneld, which ends their stale
+            // phase (before the restart time, 90 s, would have withdrawn them).
+            let want = vec![
+                ("10.244.1.0/24".to_string(), "192.168.1.11".to_string()),
+                ("fd10:0:0:1::/64".to_string(), "fd00:1::11".to_string()),
+            ];
+            wait(&c, "a and c: b's routes fresh from kr-tunneld", 80, |c| {
+                ["a", "c"].iter().all(|n| {
+                    let (paths, stale) = learned_from(c, n, "192.168.1.11");
+                    paths == want && !stale
+                })
             });
             // A full resync pass (2 s) after the takeover, still pinging.
             std::thread::sleep(Duration::from_secs(3));
@@ -340,8 +471,27 @@ mod tests {
             let fou = std::fs::read_to_string(c.dir.join("state-b").join("fou-ports"))
                 .unwrap_or_default();
             assert!(fou.contains("ipv4 5555"), "fou-ports: {fou:?}");
-            assert!(!listens_on_179(&c, "b"), "something listens on 179 on b");
             all_pairs_ping(&c);
+            // BGP off (the default): nothing listens on the BGP port; with it on, b does.
+            assert!(
+                listens_on_179(&c, "b"),
+                "kr-tunneld with --enable-ibgp does not listen"
+            );
+            c.stop("b");
+            c.start("b", &["--overlay-encap=fou"]);
+            wait(&c, "b: a pass without BGP", 60, |c| {
+                let log = std::fs::read_to_string(c.dir.join("b.log")).unwrap_or_default();
+                log.matches("kr-tunneld 0.").count() >= 2
+                    && log
+                        .rsplit("kr-tunneld 0.")
+                        .next()
+                        .unwrap_or("")
+                        .contains("reconciled")
+            });
+            assert!(
+                !listens_on_179(&c, "b"),
+                "something listens on 179 on b with BGP off"
+            );
             c.stop("b");
             for n in ["a", "c"] {
                 stop_standin(&c, n, "cease");
