@@ -668,5 +668,11 @@ mod tests {
         assert!(wait(10, || g.learned(OURS).is_some()));
         // Only the primary IP: not the wildcard, not loopback.
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        // Only configured peers: a connection from this host's address (no peer's) is closed
+        // without an OPEN.
+        let mut c = std::net::TcpStream::connect((ip, port)).expect("connect to our listener");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(c.read(&mut buf).expect("read"), 0, "not closed: {buf:?}");
     }
 }
