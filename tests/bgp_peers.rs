@@ -514,6 +514,17 @@ mod tests {
             kr.log()
         );
         assert!(wait(10, || g.learned(OURS).is_some()));
+        // Peers follow Nodes (B-2): node b deleted → Cease 6/3, our route gone from it; back →
+        // a new session.
+        api.delete_node("b");
+        assert!(
+            wait(10, || kr.has("cease: peer de-configured")),
+            "{}",
+            kr.log()
+        );
+        assert!(wait(10, || g.learned(OURS).is_none()));
+        api.put_node(node_json("b", &["127.0.0.5"], &[THEIRS]));
+        assert!(wait(30, || g.learned(OURS).is_some()), "{}", kr.log());
     }
 
     /// bird2 as a second implementation, passive (so the session is our active one).
