@@ -224,6 +224,7 @@ impl Core {
                         Some(2)
                     };
                     self.stop_all(cease, now);
+                    self.problem = "stopped".into();
                     self.publish();
                     return;
                 }
