@@ -285,9 +285,14 @@ impl<K: Kernel> Daemon<K> {
         &self.desired.peers
     }
 
-    /// Whether the node cache has been listed at least once.
+    /// Whether every enabled input has been listed at least once: Nodes, and with DSR enabled
+    /// Services and EndpointSlices too. No pass runs before (READY=1, the first full pass and
+    /// `--once` mean "converged with every enabled input listed").
     pub fn synced(&self) -> bool {
         self.synced
+            && (self.dsr.is_none()
+                || !self.cfg.dsr.enabled
+                || (self.services.synced && self.slices.synced))
     }
 
     /// The kernel (for tests).
@@ -1464,6 +1469,52 @@ mod tests {
             .iter()
             .map(|i| serde_json::from_value(i.clone()).unwrap())
             .collect()
+    }
+
+    /// Issue 13 item 1: with `--enable-dsr`, the first pass (READY, `--once`) waits until Nodes,
+    /// Services and EndpointSlices have all been listed, whatever order the lists arrive in.
+    #[test]
+    fn with_dsr_the_first_pass_waits_for_every_enabled_list() {
+        let mut d = daemon(&[
+            "--once",
+            "--enable-dsr",
+            "--service-external-ip-range=203.0.113.0/24",
+        ]);
+        let ipvs = std::sync::Arc::new(std::sync::Mutex::new(
+            crate::netlink::ipvs::FakeIpvs::default(),
+        ));
+        let settings = dsr::Settings::from_config(&d.cfg);
+        d = d.with_dsr(DsrShell {
+            ipvs: Box::new(SharedIpvs(ipvs.clone())),
+            pods: Box::new(|_, _| PodsReport::default()),
+            settings,
+        });
+        let services: Vec<Service> = items(include_str!("../tests/data/list-services.json"));
+        let slices: Vec<EndpointSlice> =
+            items(include_str!("../tests/data/list-endpointslices.json"));
+        let (tx, rx) = channel();
+        let nodes = vec![
+            node("a", "192.168.1.10", "10.0.0.0/24"),
+            node("node1", "172.16.0.2", "10.244.1.0/24"),
+        ];
+        // Nodes and Services arrive first; EndpointSlices come later (another watch thread).
+        tx.send(Event::Nodes(Update::Replace(nodes))).unwrap();
+        tx.send(Event::Services(Update::Replace(services))).unwrap();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            tx.send(Event::Slices(Update::Replace(slices))).unwrap();
+        });
+        let mut h = Recorder::default();
+        assert_eq!(run_loop(&mut d, &rx, &mut h, None), Exit::Clean);
+        late.join().unwrap();
+        assert_eq!(h.outcomes.len(), 1);
+        assert!(
+            h.outcomes[0].summary.contains(" dsr=2 "),
+            "the --once pass ran before every list: {}",
+            h.outcomes[0].summary
+        );
+        assert_eq!(ipvs.lock().unwrap().state.services.len(), 2);
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
     }
 
     #[test]
