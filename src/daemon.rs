@@ -103,6 +103,18 @@ pub struct DsrShell {
     pub settings: dsr::Settings,
 }
 
+/// The DSR part of a pass between its stages (see [`dsr::Stage`]).
+struct DsrWork {
+    /// Pod-side wants of this node's endpoints.
+    pods: BTreeMap<std::net::IpAddr, dsr::PodWant>,
+    /// IPVS ops and the ownership record.
+    ipvs: dsr::IpvsPlan,
+    /// Where the record lives.
+    record_path: PathBuf,
+    /// Failed IPVS ops so far: index into `ipvs.ops` and errno.
+    failed: Vec<(usize, i32)>,
+}
+
 /// A watch cache keyed like the API (`name` or `namespace/name`), with "listed at least once".
 struct Cache<T> {
     items: BTreeMap<String, T>,
@@ -477,7 +489,12 @@ impl<K: Kernel> Daemon<K> {
             });
         };
         let mut problems = Vec::new();
-        let dsr_pods = self.dsr_pass(&actual, &mut desired, &mut problems, false);
+        let mut work = self.dsr_pass(&actual, &mut desired, &mut problems, false);
+        // Pod receivers and real servers before the director rules are added (issue 13).
+        let mut errors = 0;
+        if let Some(w) = work.as_mut() {
+            errors += self.dsr_before_rules(w, &mut problems);
+        }
         let mut plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
         problems.extend(plan.clashes.iter().cloned());
         let mut failed = Vec::new();
@@ -503,21 +520,10 @@ impl<K: Kernel> Daemon<K> {
                 problems.push(e.to_string());
             }
         }
-        let mut errors = failed.len();
-        if let (Some(pods), Some(shell)) = (dsr_pods, self.dsr.as_mut()) {
-            if !self.cfg.dry_run {
-                let report = (shell.pods)(&pods, &shell.settings);
-                for (ns, o) in &report.outcomes {
-                    for a in &o.applied {
-                        log::info!("pod netns {}: {a}", ns.display());
-                    }
-                    for e in &o.failed {
-                        problems.push(format!("pod netns {}: {e}", ns.display()));
-                    }
-                    errors += o.failed.len();
-                }
-                problems.extend(report.diags.iter().map(|d| d.to_string()));
-            }
+        errors += failed.len();
+        // Services deleted only after their director rules are gone.
+        if let Some(w) = work {
+            errors += self.dsr_after_rules(w, &mut problems);
         }
         self.log_new(diags, problems, None);
         self.changed.clear();
@@ -598,7 +604,7 @@ impl<K: Kernel> Daemon<K> {
         desired: &mut Desired,
         problems: &mut Vec<String>,
         cleanup: bool,
-    ) -> Option<BTreeMap<std::net::IpAddr, dsr::PodWant>> {
+    ) -> Option<DsrWork> {
         let table = self.cfg.dsr.table;
         let keep_as_is = |desired: &mut Desired| {
             desired
@@ -646,7 +652,9 @@ impl<K: Kernel> Daemon<K> {
         self.dsr_last = (p.ipvs.record.len(), p.ipvs.ops.len());
         problems.extend(p.diags.iter().map(|d| d.to_string()));
         if self.cfg.dry_run {
-            for op in &p.ipvs.ops {
+            let mut ops: Vec<&dsr::IpvsOp> = p.ipvs.ops.iter().collect();
+            ops.sort_by_key(|op| op.stage());
+            for op in ops {
                 let _ = writeln!(self.out, "would {op}");
             }
         } else if !p.ipvs.ops.is_empty() {
@@ -660,17 +668,78 @@ impl<K: Kernel> Daemon<K> {
                 keep_as_is(desired);
                 return None;
             }
-            let failed = shell.ipvs.apply(&p.ipvs.ops);
-            let errnos: Vec<(usize, i32)> = failed.iter().map(|(i, e)| (*i, e.errno)).collect();
-            problems.extend(failed.iter().map(|(_, e)| e.to_string()));
-            let after = p.ipvs.record_after(&errnos);
-            if let Err(e) = write_atomic(&record_path, dsr::render_owned(&after).as_bytes()) {
-                problems.push(format!("dsr: cannot write {}: {e}", record_path.display()));
-            }
         }
         desired.rules.extend(p.rules);
         desired.routes.extend(p.routes);
-        Some(p.pods)
+        Some(DsrWork {
+            pods: p.pods,
+            ipvs: p.ipvs,
+            record_path,
+            failed: Vec::new(),
+        })
+    }
+
+    /// Applies the IPVS ops of one [`dsr::Stage`] (none with `--dry-run`); failures go to
+    /// `problems` and are kept for the record.
+    fn ipvs_stage(&mut self, w: &mut DsrWork, stage: dsr::Stage, problems: &mut Vec<String>) {
+        let Some(shell) = self.dsr.as_mut() else {
+            return;
+        };
+        let idx: Vec<usize> = (0..w.ipvs.ops.len())
+            .filter(|&i| w.ipvs.ops[i].stage() == stage)
+            .collect();
+        if self.cfg.dry_run || idx.is_empty() {
+            return;
+        }
+        let ops: Vec<dsr::IpvsOp> = idx.iter().map(|&i| w.ipvs.ops[i].clone()).collect();
+        for (i, e) in shell.ipvs.apply(&ops) {
+            problems.push(e.to_string());
+            w.failed.push((idx[i], e.errno));
+        }
+    }
+
+    /// Runs the pod side for `w`, logging what it did; returns the number of failed ops.
+    fn dsr_pods(&mut self, w: &DsrWork, problems: &mut Vec<String>) -> usize {
+        let (Some(shell), false) = (self.dsr.as_mut(), self.cfg.dry_run) else {
+            return 0;
+        };
+        let report = (shell.pods)(&w.pods, &shell.settings);
+        let mut errors = 0;
+        for (ns, o) in &report.outcomes {
+            for a in &o.applied {
+                log::info!("pod netns {}: {a}", ns.display());
+            }
+            for e in &o.failed {
+                problems.push(format!("pod netns {}: {e}", ns.display()));
+            }
+            errors += o.failed.len();
+        }
+        problems.extend(report.diags.iter().map(|d| d.to_string()));
+        errors
+    }
+
+    /// The DSR steps before the overlay ops (which add and remove the director rules): IPVS
+    /// services and real-server removals, the pod receivers, then new real servers.
+    fn dsr_before_rules(&mut self, w: &mut DsrWork, problems: &mut Vec<String>) -> usize {
+        self.ipvs_stage(w, dsr::Stage::BeforePods, problems);
+        let errors = self.dsr_pods(w, problems);
+        self.ipvs_stage(w, dsr::Stage::AfterPods, problems);
+        errors
+    }
+
+    /// The DSR step after the overlay ops: services deleted, then the ownership record.
+    fn dsr_after_rules(&mut self, mut w: DsrWork, problems: &mut Vec<String>) -> usize {
+        self.ipvs_stage(&mut w, dsr::Stage::AfterRules, problems);
+        if !self.cfg.dry_run && !w.ipvs.ops.is_empty() {
+            let after = w.ipvs.record_after(&w.failed);
+            if let Err(e) = write_atomic(&w.record_path, dsr::render_owned(&after).as_bytes()) {
+                problems.push(format!(
+                    "dsr: cannot write {}: {e}",
+                    w.record_path.display()
+                ));
+            }
+        }
+        w.failed.len()
     }
 
     /// Record the FOU ports `ops` will open before they are opened (SPEC S-1, R-3): a kill -9
@@ -730,25 +799,15 @@ impl<K: Kernel> Daemon<K> {
         let actual = self.kernel.read(&own)?;
         let mut desired = Desired::default();
         let mut problems = Vec::new();
-        let pods = self.dsr_pass(&actual, &mut desired, &mut problems, true);
-        if let (Some(pods), Some(shell), false) = (pods, self.dsr.as_mut(), self.cfg.dry_run) {
-            let report = (shell.pods)(&pods, &shell.settings);
-            for (ns, o) in &report.outcomes {
-                for a in &o.applied {
-                    log::info!("pod netns {}: {a}", ns.display());
-                }
-                problems.extend(
-                    o.failed
-                        .iter()
-                        .map(|e| format!("pod netns {}: {e}", ns.display())),
-                );
-            }
-        }
-        for p in &problems {
-            log::warn!("{p}");
+        let mut work = self.dsr_pass(&actual, &mut desired, &mut problems, true);
+        if let Some(w) = work.as_mut() {
+            self.dsr_before_rules(w, &mut problems);
         }
         let plan = reconcile::plan(&desired, &actual, &own, &self.owned_fou);
         if self.cfg.dry_run {
+            for p in &problems {
+                log::warn!("{p}");
+            }
             for op in &plan.ops {
                 let _ = writeln!(self.out, "would {op}");
             }
@@ -763,6 +822,12 @@ impl<K: Kernel> Daemon<K> {
             log::error!("{e}");
         }
         self.track_fou(&plan.ops, &failed_idx);
+        if let Some(w) = work {
+            self.dsr_after_rules(w, &mut problems);
+        }
+        for p in &problems {
+            log::warn!("{p}");
+        }
         Ok(Outcome {
             planned: plan.ops.len(),
             failed: failed.len(),
@@ -1459,6 +1524,146 @@ mod tests {
         fn apply(&mut self, ops: &[dsr::IpvsOp]) -> Vec<(usize, KernelError)> {
             self.0.lock().unwrap().apply(ops)
         }
+    }
+
+    /// A kernel, an IPVS and a pod side that write one shared timeline (issue 13: order).
+    type Timeline = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+    struct TimedKernel(FakeKernel, Timeline);
+
+    impl Kernel for TimedKernel {
+        fn read(&mut self, own: &crate::model::Ownership) -> Result<Actual, KernelError> {
+            self.0.read(own)
+        }
+        fn apply(
+            &mut self,
+            own: &crate::model::Ownership,
+            ops: &[Op],
+        ) -> Vec<(usize, KernelError)> {
+            let mut t = self.1.lock().unwrap();
+            t.extend(ops.iter().map(|o| format!("kernel {o}")));
+            self.0.apply(own, ops)
+        }
+        fn links_named(&mut self, names: &[&str]) -> Result<Vec<Link>, KernelError> {
+            self.0.links_named(names)
+        }
+    }
+
+    struct TimedIpvs(crate::netlink::ipvs::FakeIpvs, Timeline);
+
+    impl IpvsKernel for TimedIpvs {
+        fn read(
+            &mut self,
+            owned: &BTreeSet<dsr::ServiceKey>,
+        ) -> Result<dsr::IpvsState, KernelError> {
+            self.0.read(owned)
+        }
+        fn apply(&mut self, ops: &[dsr::IpvsOp]) -> Vec<(usize, KernelError)> {
+            let mut t = self.1.lock().unwrap();
+            t.extend(ops.iter().map(|o| format!("ipvs {o}")));
+            self.0.apply(ops)
+        }
+    }
+
+    /// Issue 13, order of changes: receivers before real servers, real servers before the
+    /// director rule; real servers removed before their receivers; the director rule removed
+    /// before the IPVS service.
+    #[test]
+    fn dsr_changes_are_applied_in_an_order_that_never_black_holes() {
+        let t: Timeline = Default::default();
+        let mut c = crate::testutil::config(&[
+            "--enable-dsr",
+            "--service-external-ip-range=203.0.113.0/24",
+        ]);
+        c.state_dir = std::env::temp_dir().join(format!("krt-order-{}", rand_suffix()));
+        let settings = dsr::Settings::from_config(&c);
+        let kernel = TimedKernel(FakeKernel::with(crate::testutil::host(false)), t.clone());
+        let tp = t.clone();
+        let mut d =
+            Daemon::new(c, "a".into(), kernel, Box::new(std::io::sink())).with_dsr(DsrShell {
+                ipvs: Box::new(TimedIpvs(Default::default(), t.clone())),
+                pods: Box::new(move |wants, _| {
+                    let ips: Vec<String> = wants.keys().map(|i| i.to_string()).collect();
+                    tp.lock().unwrap().push(format!("pods [{}]", ips.join(",")));
+                    PodsReport::default()
+                }),
+                settings,
+            });
+        let svc = |dsr: bool| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "default", "annotations":
+                    if dsr { serde_json::json!({"kube-router.io/service.dsr": "tunnel"}) }
+                    else { serde_json::json!({}) }},
+                "spec": {"externalIPs": ["203.0.113.10"],
+                         "ports": [{"protocol": "TCP", "port": 80}]}
+            }))
+            .unwrap()
+        };
+        let slice = |ips: &[&str]| -> EndpointSlice {
+            let eps: Vec<serde_json::Value> = ips
+                .iter()
+                .map(|ip| {
+                    serde_json::json!({"addresses": [ip], "nodeName": "a",
+                                             "conditions": {"ready": true}})
+                })
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-1", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "endpoints": eps,
+                "ports": [{"protocol": "TCP", "port": 80}]
+            }))
+            .unwrap()
+        };
+        let pos = |t: &Timeline, what: &str| -> usize {
+            let t = t.lock().unwrap();
+            t.iter()
+                .position(|l| l.starts_with(what))
+                .unwrap_or_else(|| panic!("no {what:?} in {t:#?}"))
+        };
+        d.on_nodes(Update::Replace(vec![node(
+            "a",
+            "192.168.1.10",
+            "10.0.0.0/24",
+        )]));
+        d.on_services(Update::Replace(vec![svc(true)]));
+        d.on_slices(Update::Replace(vec![slice(&["10.0.0.5"])]));
+        d.reconcile(Instant::now()).unwrap();
+        let (add_svc, pods, add_dest, add_rule) = (
+            pos(&t, "ipvs add ipvs service"),
+            pos(&t, "pods [10.0.0.5]"),
+            pos(&t, "ipvs add ipvs real server"),
+            pos(&t, "kernel add rule"),
+        );
+        let show = t.lock().unwrap().join("\n");
+        assert!(
+            add_svc < pods && pods < add_dest && add_dest < add_rule,
+            "{show}"
+        );
+
+        // The endpoint moves: the old real server goes before its receiver, the new one comes
+        // after its receiver.
+        t.lock().unwrap().clear();
+        d.on_slices(Update::Replace(vec![slice(&["10.0.0.6"])]));
+        d.reconcile(Instant::now()).unwrap();
+        let show = t.lock().unwrap().join("\n");
+        let (del_dest, pods, add_dest) = (
+            pos(&t, "ipvs delete ipvs real server"),
+            pos(&t, "pods [10.0.0.6]"),
+            pos(&t, "ipvs add ipvs real server"),
+        );
+        assert!(del_dest < pods && pods < add_dest, "{show}");
+
+        // Annotation removed: the director rule goes before the service.
+        t.lock().unwrap().clear();
+        d.on_services(Update::Replace(vec![svc(false)]));
+        d.reconcile(Instant::now()).unwrap();
+        let show = t.lock().unwrap().join("\n");
+        assert!(
+            pos(&t, "kernel delete rule") < pos(&t, "ipvs delete ipvs service"),
+            "{show}"
+        );
+        let _ = std::fs::remove_dir_all(&d.cfg.state_dir);
     }
 
     fn items<T: serde::de::DeserializeOwned>(json: &str) -> Vec<T> {

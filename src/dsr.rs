@@ -338,6 +338,33 @@ pub enum IpvsOp {
     DeleteDest(ServiceKey, RealServer),
 }
 
+/// When an IPVS op is applied, relative to the pod receivers and the director rules, so that no
+/// connection is black-holed (issue 13): a real server is added only after its receiver exists
+/// and removed before its receiver goes; a service is deleted only after its director rule is
+/// gone (else the VIP's packets hit `local default` with no service and get a reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// First: services created or edited, real servers removed.
+    BeforePods,
+    /// After the pod receivers, before the director rules: real servers added or changed.
+    AfterPods,
+    /// Last, after the director rules: services deleted.
+    AfterRules,
+}
+
+impl IpvsOp {
+    /// The [`Stage`] this op belongs to.
+    pub fn stage(&self) -> Stage {
+        match self {
+            IpvsOp::AddService(_) | IpvsOp::EditService(_) | IpvsOp::DeleteDest(..) => {
+                Stage::BeforePods
+            }
+            IpvsOp::AddDest(..) | IpvsOp::EditDest(..) => Stage::AfterPods,
+            IpvsOp::DeleteService(_) => Stage::AfterRules,
+        }
+    }
+}
+
 impl fmt::Display for IpvsOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let svc = |f: &mut fmt::Formatter<'_>, s: &VirtualService| {
