@@ -1225,6 +1225,8 @@ pub struct PodLink {
     pub remote: Option<IpAddr>,
     /// IPv4 `rp_filter` of the device (from `IFLA_AF_SPEC`), when reported.
     pub rp_filter: Option<u32>,
+    /// IPv4 `accept_local` of the device (from `IFLA_AF_SPEC`), when reported.
+    pub accept_local: Option<u32>,
 }
 
 /// The pod's default route in the main table (where its replies go).
@@ -1691,6 +1693,7 @@ pub fn apply_pod(ns: &mut PodNs, op: &PodOp, s: &Settings) -> Result<(), i32> {
                 local: Some(*local),
                 remote: None,
                 rp_filter: (*family == Family::V4).then_some(1),
+                accept_local: None,
             });
         }
         PodOp::DeleteLink { index, .. } => {
@@ -2527,6 +2530,7 @@ mod tests {
                     local: None,
                     remote: None,
                     rp_filter: Some(0),
+                    accept_local: None,
                 },
                 PodLink {
                     index: 3,
@@ -2538,6 +2542,7 @@ mod tests {
                     local: None,
                     remote: None,
                     rp_filter: Some(2),
+                    accept_local: None,
                 },
             ],
             addrs: vec![

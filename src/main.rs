@@ -101,10 +101,11 @@ fn open_kernel() -> Option<NetlinkKernel> {
 
 /// The DSR shell over netlink, when DSR is on or an earlier run left DSR state to remove.
 fn dsr_shell(cfg: &Config, cleanup: bool) -> Option<DsrShell> {
-    let record = cfg.state_dir.join(dsr::OWNED_FILE);
-    let leftovers = std::fs::metadata(&record)
-        .map(|m| m.len() > 0)
-        .unwrap_or(false);
+    let leftovers = [dsr::OWNED_FILE, podns::ACCEPT_LOCAL_FILE].iter().any(|f| {
+        std::fs::metadata(cfg.state_dir.join(f))
+            .map(|m| m.len() > 0)
+            .unwrap_or(false)
+    });
     if !(cfg.dsr.enabled || leftovers || cleanup) {
         return None;
     }
@@ -122,14 +123,20 @@ fn dsr_shell(cfg: &Config, cleanup: bool) -> Option<DsrShell> {
         }
     };
     let group = cfg.overlay.own.link_group;
+    let state_dir = cfg.state_dir.clone();
     let pods: daemon::PodsFn = Box::new(move |wants, settings| {
-        podns::reconcile_pods(
+        let mut r = podns::reconcile_pods(
             wants,
             settings,
             || podns::NetlinkPod::open(group),
             std::path::Path::new("/run/netns"),
             std::path::Path::new("/proc"),
-        )
+        );
+        // The node side: accept_local where local DSR pods' replies come in (issue 13).
+        let node = podns::node_accept_local(wants, &state_dir);
+        r.diags.extend(node.diags.iter().cloned());
+        r.outcomes.push(("(node)".into(), node));
+        r
     });
     Some(DsrShell {
         ipvs: Box::new(ipvs),

@@ -77,6 +77,9 @@ const NLM_F_CREATE: u16 = 0x400;
 const IFLA_AF_SPEC: u16 = 26;
 const IFLA_INET_CONF: u16 = 1;
 const IPV4_DEVCONF_RP_FILTER: u16 = 8;
+const IPV4_DEVCONF_ACCEPT_LOCAL: u16 = 23;
+// uapi <linux/rtnetlink.h>: RTA_OIF.
+const RTA_OIF: u16 = 4;
 // uapi <linux/netconf.h>.
 const NETCONFA_IFINDEX: u16 = 1;
 const NETCONFA_RP_FILTER: u16 = 3;
@@ -149,10 +152,36 @@ pub fn link_create(name: &str, family: Family, local: IpAddr, group: u32) -> Req
 /// [IPV4_DEVCONF_RP_FILTER] = 0 } } }`, raw, because netlink-packet-route's `DevConfRequest`
 /// leaves zero values out.
 pub fn link_rp_filter_off(index: u32) -> Request {
-    let conf = nested(
-        IFLA_INET_CONF,
-        &[nla(IPV4_DEVCONF_RP_FILTER, 0u32.to_ne_bytes().to_vec())],
-    );
+    link_devconf(index, IPV4_DEVCONF_RP_FILTER, 0)
+}
+
+/// Sets the link's IPv4 `accept_local` to `value` (same message as [`link_rp_filter_off`]).
+pub fn link_accept_local(index: u32, value: u32) -> Request {
+    link_devconf(index, IPV4_DEVCONF_ACCEPT_LOCAL, value)
+}
+
+/// `route get IP` (IPv4 or IPv6): the kernel answers with the route, `RTA_OIF` included.
+pub fn route_get(ip: IpAddr) -> Request {
+    let mut m = RouteMessage::default();
+    let (fam, len, a) = match ip {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    m.header.address_family = fam;
+    m.header.destination_prefix_length = len;
+    m.attributes.push(RouteAttribute::Destination(a));
+    Request::new(RTM_GETROUTE, 0, &m)
+}
+
+/// `RTA_OIF` of a route message.
+pub fn parse_route_oif(payload: &[u8]) -> Option<u32> {
+    RouteHeader::parse(payload).ok()?;
+    let (_, v) = attrs(payload.get(12..)?).find(|(k, _)| *k == RTA_OIF)?;
+    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+fn link_devconf(index: u32, key: u16, value: u32) -> Request {
+    let conf = nested(IFLA_INET_CONF, &[nla(key, value.to_ne_bytes().to_vec())]);
     let inet = nested(libc::AF_INET as u16, &[conf]);
     let spec = nested(IFLA_AF_SPEC, &[inet]);
     let mut m = LinkMessage::default();
@@ -240,6 +269,7 @@ pub fn parse_link(payload: &[u8]) -> Option<PodLink> {
         local: None,
         remote: None,
         rp_filter: None,
+        accept_local: None,
     };
     for n in NlasIterator::new(payload.get(16..)?).map_while(|n| n.ok()) {
         let Ok(a) = LinkAttribute::parse_with_param(&n, h.interface_family) else {
@@ -272,6 +302,7 @@ pub fn parse_link(payload: &[u8]) -> Option<PodLink> {
                         for i in v {
                             if let netlink_packet_route::link::AfSpecInet::DevConf(c) = i {
                                 l.rp_filter = u32::try_from(c.rp_filter).ok();
+                                l.accept_local = u32::try_from(c.accept_local).ok();
                             }
                         }
                     }
@@ -787,6 +818,173 @@ where
     report
 }
 
+// ---------------------------------------------------------------------------------------------
+// The node side: accept_local on the devices that carry DSR replies (IPv4)
+
+/// Devices whose IPv4 `accept_local` kr-tunneld set to 1, one `ifindex name` a line, in the
+/// state directory.
+pub const ACCEPT_LOCAL_FILE: &str = "dsr-accept-local";
+
+/// A recorded device: (ifindex, name).
+pub type DevKey = (u32, String);
+
+/// What [`plan_accept_local`] decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AcceptLocalPlan {
+    /// Devices to set to 1 (they are 0 now).
+    pub on: Vec<DevKey>,
+    /// Devices to set back to 0 (ours, no longer needed).
+    pub off: Vec<DevKey>,
+    /// The record to write before applying: what was recorded plus `on`.
+    pub record: BTreeSet<DevKey>,
+}
+
+/// Why kr-tunneld sets `accept_local` (issue 13; README, DSR): every node is a director, so the
+/// reverse-path check of a reply forwarded from a local DSR pod (source = the VIP) looks the VIP
+/// up with the ports swapped, matches the director rule, finds `local default` in the DSR table
+/// and drops the reply as a martian unless `accept_local` is 1 on the device it came in by. The
+/// kernel makes that lookup with iif = the reply's *outgoing* device and mark 0, so it is the
+/// same lookup as a client's packet to the VIP arriving there: no policy rule can tell them apart
+/// (kube-router avoids it with an iptables fwmark). So `accept_local` is set on exactly the
+/// devices the local DSR endpoints' traffic arrives by (the route to each endpoint IP: the
+/// pod's veth, or the CNI bridge), only where it is 0, recorded first, and set back to 0 when no
+/// local endpoint needs it any more, on `cleanup`, and with DSR turned off. A device already at
+/// 1 is the operator's and is never recorded or changed.
+///
+/// `wanted`: ifindex of each device carrying a local endpoint's traffic; `links`: every link
+/// with its current `accept_local`; `recorded`: the record.
+pub fn plan_accept_local(
+    wanted: &BTreeSet<u32>,
+    links: &[PodLink],
+    recorded: &BTreeSet<DevKey>,
+) -> AcceptLocalPlan {
+    let mut p = AcceptLocalPlan::default();
+    let by_index: HashMap<u32, &PodLink> = links.iter().map(|l| (l.index, l)).collect();
+    for r in recorded {
+        match by_index.get(&r.0) {
+            // Gone, or the index now names another device: forget it.
+            None => {}
+            Some(l) if l.name != r.1 => {}
+            Some(l) if wanted.contains(&l.index) => {
+                p.record.insert(r.clone());
+            }
+            Some(l) => {
+                if l.accept_local == Some(1) {
+                    p.off.push(r.clone());
+                }
+                p.record.insert(r.clone());
+            }
+        }
+    }
+    for i in wanted {
+        if let Some(l) = by_index.get(i) {
+            if l.accept_local == Some(0) {
+                p.on.push((l.index, l.name.clone()));
+                p.record.insert((l.index, l.name.clone()));
+            }
+        }
+    }
+    p
+}
+
+/// Parses the record; bad lines are skipped.
+pub fn parse_accept_local(text: &str) -> BTreeSet<DevKey> {
+    text.lines()
+        .filter_map(|l| {
+            let (i, n) = l.trim().split_once(' ')?;
+            Some((i.parse().ok()?, n.to_string()))
+        })
+        .collect()
+}
+
+/// Renders the record.
+pub fn render_accept_local(r: &BTreeSet<DevKey>) -> String {
+    r.iter().map(|(i, n)| format!("{i} {n}\n")).collect()
+}
+
+/// The node side of one DSR pass, in the daemon's own network namespace: [`plan_accept_local`]
+/// for the IPv4 endpoints in `wants` (empty on `cleanup` and with DSR off: undo everything),
+/// with its record in `state_dir`. What was done and what failed come back as an outcome for
+/// the pass's report.
+pub fn node_accept_local(wants: &BTreeMap<IpAddr, PodWant>, state_dir: &Path) -> NsOutcome {
+    let path = state_dir.join(ACCEPT_LOCAL_FILE);
+    let recorded = parse_accept_local(&std::fs::read_to_string(&path).unwrap_or_default());
+    let mut out = NsOutcome::default();
+    let v4: Vec<IpAddr> = wants.keys().filter(|ip| ip.is_ipv4()).copied().collect();
+    if v4.is_empty() && recorded.is_empty() {
+        return out;
+    }
+    let fail = |op: &str, e: &NetlinkError| kerr(format!("node: {op}"), e);
+    let mut rt = match NlSocket::open(NETLINK_ROUTE) {
+        Ok(s) => s,
+        Err(e) => {
+            out.failed.push(fail("open route netlink socket", &e));
+            return out;
+        }
+    };
+    let mut wanted = BTreeSet::new();
+    for ip in &v4 {
+        match rt.request(&route_get(*ip)) {
+            Ok(rs) => wanted.extend(
+                rs.iter()
+                    .filter_map(|r| parse_route_oif(&r.payload))
+                    .filter(|&i| i != 1), // never lo
+            ),
+            Err(e) => out.failed.push(fail(&format!("route get {ip}"), &e)),
+        }
+    }
+    let links: Vec<PodLink> = match rt.dump(&rtnl::link_dump()) {
+        Ok(rs) => rs.iter().filter_map(|r| parse_link(&r.payload)).collect(),
+        Err(e) => {
+            out.failed.push(fail("dump links", &e));
+            return out;
+        }
+    };
+    let plan = plan_accept_local(&wanted, &links, &recorded);
+    let write = |r: &BTreeSet<DevKey>| {
+        crate::daemon::write_atomic(&path, render_accept_local(r).as_bytes())
+    };
+    if plan.record != recorded {
+        if let Err(e) = write(&plan.record) {
+            out.diags.push(Diag {
+                object: path.display().to_string(),
+                msg: format!("cannot record accept_local devices: {e}; not changing them"),
+            });
+            return out;
+        }
+    }
+    let mut after = plan.record.clone();
+    for (dev, v) in plan
+        .on
+        .iter()
+        .map(|d| (d, 1))
+        .chain(plan.off.iter().map(|d| (d, 0)))
+    {
+        let what = format!(
+            "set accept_local {v} on {} (DSR replies, see README)",
+            dev.1
+        );
+        match rt.request(&link_accept_local(dev.0, v)) {
+            Ok(_) => {
+                out.applied.push(what);
+                if v == 0 {
+                    after.remove(dev);
+                }
+            }
+            Err(e) => out.failed.push(fail(&what, &e)),
+        }
+    }
+    if after != plan.record {
+        if let Err(e) = write(&after) {
+            out.diags.push(Diag {
+                object: path.display().to_string(),
+                msg: format!("cannot record accept_local devices: {e}"),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -965,6 +1163,7 @@ mod tests {
                 local: Some(ip("10.244.1.5")),
                 remote: Some(ip("0.0.0.0")),
                 rp_filter: Some(2),
+                accept_local: Some(0),
             }
         );
         assert_eq!(parse_link(&buf[..10]), None);
@@ -1128,6 +1327,7 @@ mod tests {
             local: None,
             remote: None,
             rp_filter: Some(0),
+            accept_local: None,
         };
         FakePod {
             ns: PodNs {
@@ -1203,6 +1403,65 @@ mod tests {
             let _ = parse_link(&junk);
             let _ = parse_route(&junk, 157, &names);
             let _ = parse_netconf_all_rp_filter(&junk);
+            let _ = parse_route_oif(&junk);
+            let _ = parse_accept_local(&String::from_utf8_lossy(&junk));
         }
+    }
+
+    fn dev(index: u32, name: &str, accept_local: u32) -> PodLink {
+        PodLink {
+            index,
+            name: name.into(),
+            kind: "veth".into(),
+            group: 0,
+            mtu: 1500,
+            up: true,
+            local: None,
+            remote: None,
+            rp_filter: Some(0),
+            accept_local: Some(accept_local),
+        }
+    }
+
+    /// accept_local (issue 13): set where 0 and wanted, recorded first; an operator's 1 is never
+    /// taken over; ours set back when unwanted; a reused ifindex or a gone device is forgotten.
+    #[test]
+    fn accept_local_is_set_only_where_needed_and_undone() {
+        let k = |i: u32, n: &str| (i, n.to_string());
+        let links = [
+            dev(5, "vpod", 0),
+            dev(6, "cni0", 1),
+            dev(7, "veth1", 1),
+            dev(8, "other", 1),
+        ];
+        let wanted: BTreeSet<u32> = [5, 6].into();
+        // cni0 is already 1 and not recorded: the operator's. veth1 is ours and no longer
+        // wanted; "9 gone" disappeared; 8 was "old" and is now another device.
+        let recorded: BTreeSet<DevKey> = [k(7, "veth1"), k(9, "gone"), k(8, "old")].into();
+        let p = plan_accept_local(&wanted, &links, &recorded);
+        assert_eq!(p.on, vec![k(5, "vpod")]);
+        assert_eq!(p.off, vec![k(7, "veth1")]);
+        assert_eq!(p.record, [k(5, "vpod"), k(7, "veth1")].into());
+        // Nothing wanted (cleanup, DSR off): only ours goes back to 0.
+        let p = plan_accept_local(&BTreeSet::new(), &links, &[k(6, "cni0")].into());
+        assert_eq!((p.on.len(), p.off.clone()), (0, vec![k(6, "cni0")]));
+        // Someone reset a recorded, wanted device: set again.
+        let p = plan_accept_local(&[5].into(), &links, &[k(5, "vpod")].into());
+        assert_eq!(p.on, vec![k(5, "vpod")]);
+        let text = render_accept_local(&p.record);
+        assert_eq!(text, "5 vpod\n");
+        assert_eq!(parse_accept_local(&text), p.record);
+    }
+
+    #[test]
+    fn route_get_reply_gives_the_device() {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.attributes.push(RouteAttribute::Oif(42));
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        assert_eq!(parse_route_oif(&buf), Some(42));
+        assert_eq!(parse_route_oif(&buf[..12]), None);
+        assert!(!route_get("10.244.1.10".parse().unwrap()).payload.is_empty());
     }
 }

@@ -54,10 +54,9 @@ fn slice(endpoints: &[(&str, &str)]) -> Value {
 
 /// Client and pod namespaces around the cluster; returns (client ns, pod ns). Node b forwards
 /// the pod's replies, whose source is the VIP: like any DSR node it needs rp_filter off or loose
-/// (2, what kube-router sets) on its pod-facing device, not strict. And because b is a director
-/// too (every node is), its reverse-path check sees the VIP as a local address (the reverse
-/// lookup of a reply matches `to VIP ipproto tcp dport 80 lookup 78`, whose table says `local
-/// default`), so the pod-facing device also needs `accept_local=1`: see README, DSR.
+/// (2, what kube-router sets; 0 is the kernel's default) on its pod-facing device, not strict.
+/// b is a director too (every node is), so its reverse-path check sees the VIP as a local
+/// address; kr-tunneld sets `accept_local=1` on the pod-facing device for that (README, DSR).
 fn attach(c: &Cluster, tag: &str) -> (String, String) {
     let (cl, pod, b) = (
         format!("krt{tag}cl"),
@@ -95,8 +94,26 @@ fn add_pod(node: &str, pod: &str, ip: &str, gw: &str) {
          ip -n {pod} addr add {ip}/32 dev eth0; ip -n {pod} route add {gw}/32 dev eth0
          ip -n {pod} route add default via {gw} dev eth0
          ip netns exec {node} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward; \
-             for f in all default vpod eth0; do echo 0 > /proc/sys/net/ipv4/conf/$f/rp_filter; done; \
-             echo 1 > /proc/sys/net/ipv4/conf/vpod/accept_local'"
+             for f in all default vpod eth0; do echo 0 > /proc/sys/net/ipv4/conf/$f/rp_filter; done'"
+    );
+    run("sh", &["-c", &script]);
+}
+
+/// A pod behind a bridge-style CNI: `cni0` on node `node` holds the gateway, the pod's veth is
+/// a port of it. Default sysctls except `ip_forward`.
+fn add_bridge_pod(node: &str, pod: &str, ip: &str, gw: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", pod])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let script = format!(
+        "ip netns add {pod}; ip -n {node} link add cni0 type bridge; ip -n {node} link set cni0 up
+         ip -n {node} link add vethp0 type veth peer name eth0 netns {pod}
+         ip -n {node} link set vethp0 master cni0 up; ip -n {pod} link set lo up; ip -n {pod} link set eth0 up
+         ip -n {node} addr add {gw}/32 dev cni0; ip -n {node} route add {ip}/32 dev cni0
+         ip -n {pod} addr add {ip}/32 dev eth0; ip -n {pod} route add {gw}/32 dev eth0
+         ip -n {pod} route add default via {gw} dev eth0
+         ip netns exec {node} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"
     );
     run("sh", &["-c", &script]);
 }
@@ -326,10 +343,10 @@ mod tests {
             });
             c.wait_for("traffic again", 30, |_| talk(&client).is_ok());
 
-            // A pod on the director node itself, then session affinity across two pods: every
-            // connection of the client lands on the same one.
+            // A pod on the director node itself behind a bridge (cni0), then session affinity
+            // across two pods: every connection of the client lands on the same one.
             let pod_a = "krtrpoda".to_string();
-            add_pod(&c.node("a").ns, &pod_a, "10.244.0.10", "10.244.0.253");
+            add_bridge_pod(&c.node("a").ns, &pod_a, "10.244.0.10", "10.244.0.253");
             echo_server(&pod_a);
             c.api.put(SLICES, slice(&[("10.244.0.10", "a")]));
             c.wait_for("the director's own pod as the only real server", 60, |c| {
@@ -342,6 +359,19 @@ mod tests {
             c.wait_for("traffic to the pod on the director node", 30, |_| {
                 talk(&client).is_ok()
             });
+            let cni0 = |c: &Cluster| {
+                String::from_utf8_lossy(
+                    &c.exec("a", "cat /proc/sys/net/ipv4/conf/cni0/accept_local")
+                        .stdout,
+                )
+                .trim()
+                .to_string()
+            };
+            assert_eq!(
+                cni0(&c),
+                "1",
+                "accept_local on the bridge of the director's pod"
+            );
             c.api.put(SERVICES, service(json!({}), true));
             c.api
                 .put(SLICES, slice(&[("10.244.0.10", "a"), (POD, "b")]));
@@ -385,6 +415,7 @@ mod tests {
                     && l.contains(&format!("{POD}:80"))
                     && !l.contains("persistent")
             });
+            c.wait_for("accept_local on cni0 set back to 0", 30, |c| cni0(c) == "0");
 
             // Restart: nothing duplicated, nothing changed.
             let before = ipvsadm(&c);
@@ -498,6 +529,207 @@ mod ipv6 {
             println!("ipv6: director saw {vip} reply packets; SYN-ACKs {synack}, with MSS 1400: {mss_ok}");
             assert_eq!(vip, 0, "replies crossed the director");
             assert!(synack > 0 && mss_ok == synack, "SYN-ACK MSS is not 1400");
+            for ns in [&client, &pod] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        });
+    }
+}
+
+/// Issue 13: a new user's first try, on nodes with default sysctls (only `ip_forward`, which
+/// every Kubernetes node has): a director a, a pod on b wired by a plain veth, a client on the
+/// LAN, a fake API serving static lists, and `kr-tunneld --once --enable-dsr` run once on each
+/// node. IPv4 and IPv6 VIPs of one Service, IPIP then GUE.
+#[cfg(test)]
+mod first_try {
+    use super::*;
+
+    const VIP6: &str = "2001:db8:100::10";
+    const POD6: &str = "fd10:0:0:1::10";
+
+    /// `kr-tunneld --once` on `node`; its exit status must be 0.
+    fn once(c: &mut Cluster, node: &str, flags: &[&str]) {
+        c.start(node, flags);
+        let i = c.nodes.iter().position(|n| n.name == node).unwrap();
+        let st = c.nodes[i].child.take().unwrap().wait().expect("wait");
+        assert!(st.success(), "--once on {node}: {st}\n{}", c.logs());
+    }
+
+    /// A pod behind `node` with nothing but addresses and routes: no sysctl is touched.
+    fn plain_pod(node: &str, pod: &str) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", pod])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let script = format!(
+            "ip netns add {pod}; ip -n {node} link add vpod type veth peer name eth0 netns {pod}
+             ip -n {node} link set vpod up; ip -n {pod} link set lo up; ip -n {pod} link set eth0 up
+             ip -n {node} addr add 10.244.1.253/32 dev vpod; ip -n {node} route add {POD}/32 dev vpod
+             ip -n {pod} addr add {POD}/32 dev eth0; ip -n {pod} route add 10.244.1.253/32 dev eth0
+             ip -n {pod} route add default via 10.244.1.253 dev eth0
+             ip -n {pod} -6 addr add {POD6}/128 dev eth0 nodad
+             ip -n {node} -6 addr add fd10:0:0:1::253/128 dev vpod nodad
+             ip -n {node} -6 route add {POD6}/128 dev vpod
+             ip -n {pod} -6 route add fd10:0:0:1::253/128 dev eth0
+             ip -n {pod} -6 route add default via fd10:0:0:1::253 dev eth0
+             ip netns exec {node} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward; \
+                 echo 1 > /proc/sys/net/ipv6/conf/all/forwarding'"
+        );
+        run("sh", &["-c", &script]);
+    }
+
+    fn sysctl(c: &Cluster, node: &str, key: &str) -> String {
+        let out = c.exec(node, &format!("cat /proc/sys/net/ipv4/conf/{key}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Everything kr-tunneld made on both nodes and in the pod, for the idempotence check.
+    fn snapshot(c: &Cluster, pod: &str) -> String {
+        let p = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                pod,
+                "sh",
+                "-c",
+                "ip -d link; ip addr; ip rule; ip -6 rule; ip route show table all",
+            ])
+            .output()
+            .expect("ip");
+        let mut s = String::new();
+        for n in ["a", "b"] {
+            let o = c.exec(n, "ipvsadm -Ln --tun-info; ip rule; ip -6 rule; ip route show table 78; ip -6 route show table 78; grep . /proc/sys/net/ipv4/conf/*/accept_local");
+            s.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        s + &String::from_utf8_lossy(&p.stdout)
+    }
+
+    #[test]
+    #[ignore = "needs root, ip_vs, ipip, ip6_tunnel and fou: run by tests/run-kernel-tests.sh"]
+    fn dsr_works_on_the_first_once_run_on_default_nodes() {
+        rig::in_new_netns(|| {
+            let mut c = Cluster::new("o");
+            let (client, pod) = (String::from("krtocl"), String::from("krtopod"));
+            let _ = Command::new("ip")
+                .args(["netns", "del", &client])
+                .stderr(std::process::Stdio::null())
+                .status();
+            run("sh", &["-c", &format!(
+                "ip netns add {client}; ip link add vocl type veth peer name eth0 netns {client}
+                 ip link set vocl master br0 up; ip -n {client} link set lo up; ip -n {client} link set eth0 up
+                 ip -n {client} addr add 192.168.1.50/24 dev eth0; ip -n {client} route add {VIP}/32 via 192.168.1.10
+                 ip -n {client} -6 addr add fd00:1::50/64 dev eth0 nodad
+                 ip -n {client} -6 route add {VIP6}/128 via fd00:1::10")]);
+            plain_pod(&c.node("b").ns.clone(), &pod);
+            let defaults = (
+                sysctl(&c, "b", "vpod/accept_local"),
+                sysctl(&c, "b", "vpod/rp_filter"),
+            );
+            println!(
+                "node b, vpod before: accept_local={} rp_filter={}",
+                defaults.0, defaults.1
+            );
+            let foreign = c.exec("a", "ipvsadm -A -t 198.51.100.1:80 -s rr");
+            assert!(foreign.status.success(), "{foreign:?}");
+            let mut svc = service(json!({}), false);
+            svc["spec"]["externalIPs"] = json!([VIP, VIP6]);
+            c.api.put(SERVICES, svc);
+            c.api.put(SLICES, slice(&[(POD, "b")]));
+            let mut sl6 = slice(&[(POD6, "b")]);
+            sl6["metadata"]["name"] = json!("web-x6");
+            sl6["addressType"] = json!("IPv6");
+            c.api.put(SLICES, sl6);
+            echo_server(&pod);
+            for (encap, mss4) in [("ipip", 1440u32), ("fou", 1428)] {
+                let enc = format!("--overlay-encap={encap}");
+                let flags = |g: &'static str| -> Vec<String> {
+                    vec![
+                        "--once".into(),
+                        "--enable-dsr".into(),
+                        "--service-external-ip-range=203.0.113.0/24,2001:db8:100::/64".into(),
+                        enc.clone(),
+                        g.into(),
+                    ]
+                };
+                let (fa, fb) = (flags("--link-group=19284"), flags("--link-group=19285"));
+                let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
+                let fb: Vec<&str> = fb.iter().map(String::as_str).collect();
+                once(&mut c, "a", &fa);
+                once(&mut c, "b", &fb);
+                counters(&c, mss4);
+                // The first run converged: no waiting, no retry.
+                talk(&client).unwrap_or_else(|e| {
+                    panic!(
+                        "{encap} IPv4 after the first --once: {e}\n{}",
+                        diagnose(&c, &pod)
+                    )
+                });
+                talk_to(&client, VIP6).unwrap_or_else(|e| {
+                    panic!(
+                        "{encap} IPv6 after the first --once: {e}\n{}",
+                        diagnose(&c, &pod)
+                    )
+                });
+                let (vip_at_director, synack, mss_ok) = (
+                    count(&c, "a", "vip"),
+                    count(&c, "b", "synack"),
+                    count(&c, "b", "mss_ok"),
+                );
+                println!("{encap}: director saw {vip_at_director} IPv4 reply packets; SYN-ACKs {synack}, with MSS {mss4}: {mss_ok}; vpod accept_local={}", sysctl(&c, "b", "vpod/accept_local"));
+                assert_eq!(vip_at_director, 0, "replies crossed the director");
+                assert!(synack > 0 && mss_ok == synack, "SYN-ACK MSS is not {mss4}");
+                // Idempotent: a second run on each node changes nothing.
+                let before = snapshot(&c, &pod);
+                once(&mut c, "a", &fa);
+                once(&mut c, "b", &fb);
+                assert_eq!(
+                    snapshot(&c, &pod),
+                    before,
+                    "second --once changed something"
+                );
+            }
+            // Annotation removed: everything goes, the device's sysctl is back to its default,
+            // the foreign IPVS service stays.
+            c.api.put(SERVICES, json!({
+                "kind": "Service", "apiVersion": "v1",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"type": "ClusterIP", "externalIPs": [VIP], "ports": [{"protocol": "TCP", "port": 80}]}
+            }));
+            let f = [
+                "--once",
+                "--enable-dsr",
+                "--service-external-ip-range=203.0.113.0/24,2001:db8:100::/64",
+            ];
+            once(&mut c, "a", &[f[0], f[1], f[2], "--link-group=19284"]);
+            once(&mut c, "b", &[f[0], f[1], f[2], "--link-group=19285"]);
+            for n in ["a", "b"] {
+                let l = String::from_utf8_lossy(&c.exec(n, "ipvsadm -Ln").stdout).into_owned();
+                assert!(
+                    !l.contains(VIP) && !l.contains("2001:db8:100::10"),
+                    "{n}: {l}"
+                );
+                let rules = c.ipj(n, &["rule", "show"]).to_string()
+                    + &c.ipj(n, &["-6", "rule", "show"]).to_string();
+                assert!(!rules.contains("\"table\":\"78\""), "{n}: {rules}");
+            }
+            assert!(
+                String::from_utf8_lossy(&c.exec("a", "ipvsadm -Ln").stdout)
+                    .contains("198.51.100.1:80"),
+                "foreign IPVS service removed"
+            );
+            assert!(!pod_has_vip(&pod));
+            let link = Command::new("ip")
+                .args(["-n", &pod, "link", "show", "kt-dsr"])
+                .output()
+                .expect("ip");
+            assert!(!link.status.success(), "pod receive link left behind");
+            assert_eq!(
+                (
+                    sysctl(&c, "b", "vpod/accept_local"),
+                    sysctl(&c, "b", "vpod/rp_filter")
+                ),
+                defaults
+            );
             for ns in [&client, &pod] {
                 let _ = Command::new("ip").args(["netns", "del", ns]).status();
             }
