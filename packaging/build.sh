@@ -98,6 +98,8 @@ stage_common() {
     install -D -m 0755 "$binary" "$root/usr/sbin/$name"
     install -D -m 0644 systemd/kr-tunneld.service "$root/usr/lib/systemd/system/$name.service"
     install -D -m 0644 packaging/modules-load.conf "$root/usr/lib/modules-load.d/$name.conf"
+    # The DSR drop-in (capabilities for --enable-dsr): installed by the operator, see README.
+    install -D -m 0644 systemd/dsr.conf "$root/usr/share/$name/dsr.conf"
     install -D -m 0644 "$work/kr-tunneld.8.gz" "$root/usr/share/man/man8/$name.8.gz"
     install -D -m 0644 README.md "$root/usr/share/doc/$name/README.md"
     install -m 0644 packaging/rbac.yaml packaging/kubeconfig.example "$root/usr/share/doc/$name/"

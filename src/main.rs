@@ -254,6 +254,16 @@ fn one_malloc_arena() {
 
 fn run(cfg: Config) -> ExitCode {
     one_malloc_arena();
+    if cfg.dsr.enabled && !cfg.dry_run {
+        let missing = podns::missing_dsr_capabilities();
+        if !missing.is_empty() {
+            log::error!(
+                "--enable-dsr needs {}: install the DSR drop-in (install -D -m 0644 /usr/share/kr-tunneld/dsr.conf /etc/systemd/system/kr-tunneld.service.d/dsr.conf; systemctl daemon-reload; systemctl restart kr-tunneld) or turn DSR off",
+                missing.join(" and ")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let Some(local) = local_node_name(&cfg) else {
         log::error!("cannot determine this node's name: set --hostname-override or NODE_NAME");
         return ExitCode::from(EXIT_USAGE);

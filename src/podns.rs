@@ -819,6 +819,28 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
+// Capabilities
+
+/// The capabilities DSR needs beyond the overlay's CAP_NET_ADMIN that the process does not have
+/// in its effective set (capget(2)), by name: CAP_SYS_ADMIN for setns(2) into pod namespaces,
+/// CAP_SYS_PTRACE to open other users' `/proc/<pid>/ns/net`. Checked at start so that
+/// `--enable-dsr` without them fails at once, not halfway through a pass.
+pub fn missing_dsr_capabilities() -> Vec<&'static str> {
+    // uapi <linux/capability.h>.
+    const VERSION_3: u32 = 0x2008_0522;
+    const NEEDED: [(u32, &str); 2] = [(21, "CAP_SYS_ADMIN"), (19, "CAP_SYS_PTRACE")];
+    let mut header = [VERSION_3, 0u32]; // version, pid 0 = this thread
+    let mut data = [0u32; 6]; // two {effective, permitted, inheritable}
+                              // SAFETY: capget(2) with a version-3 header and room for its two data structs.
+    let r = unsafe { libc::syscall(libc::SYS_capget, header.as_mut_ptr(), data.as_mut_ptr()) };
+    NEEDED
+        .iter()
+        .filter(|(cap, _)| r != 0 || data[0] & (1 << cap) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
 // The node side: accept_local on the devices that carry DSR replies (IPv4)
 
 /// Devices whose IPv4 `accept_local` kr-tunneld set to 1, one `ifindex name` a line, in the

@@ -48,6 +48,39 @@ mod tests {
         }
     }
 
+    /// Issue 13: `--enable-dsr` without CAP_SYS_ADMIN and CAP_SYS_PTRACE stops at start, exit 2,
+    /// with one line that says what to do (as root: the two are dropped from the bounding set
+    /// with setpriv; as another user they are missing anyway).
+    #[test]
+    fn enable_dsr_without_its_capabilities_exits_2_at_start() {
+        let args = [
+            "--enable-dsr",
+            "--master=http://127.0.0.1:9",
+            "--hostname-override=a",
+            "--service-external-ip-range=203.0.113.0/24",
+        ];
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let o = if root {
+            Command::new("setpriv")
+                .args(["--bounding-set=-sys_admin,-sys_ptrace", "--"])
+                .arg(kr_tunneld_bin())
+                .args(args)
+                .env_remove("RUST_LOG")
+                .output()
+                .expect("setpriv")
+        } else {
+            kr(&args)
+        };
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        assert!(
+            e.contains("CAP_SYS_ADMIN and CAP_SYS_PTRACE") && e.contains("dsr.conf"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn bad_flags_and_variables_exit_2_naming_them() {
         let o = kr(&["--overlay-encap", "vxlan"]);
