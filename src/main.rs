@@ -258,7 +258,7 @@ fn run(cfg: Config) -> ExitCode {
         let missing = podns::missing_dsr_capabilities();
         if !missing.is_empty() {
             log::error!(
-                "--enable-dsr needs {}: install the DSR drop-in (install -D -m 0644 /usr/share/kr-tunneld/dsr.conf /etc/systemd/system/kr-tunneld.service.d/dsr.conf; systemctl daemon-reload; systemctl restart kr-tunneld) or turn DSR off",
+                "--enable-dsr needs {}: install /usr/share/kr-tunneld/dsr.conf in /etc/systemd/system/kr-tunneld.service.d/ and restart (README, DSR), or turn DSR off",
                 missing.join(" and ")
             );
             return ExitCode::from(EXIT_USAGE);

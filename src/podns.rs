@@ -847,18 +847,16 @@ pub fn missing_dsr_capabilities() -> Vec<&'static str> {
 /// state directory.
 pub const ACCEPT_LOCAL_FILE: &str = "dsr-accept-local";
 
-/// A recorded device: (ifindex, name).
-pub type DevKey = (u32, String);
-
 /// What [`plan_accept_local`] decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcceptLocalPlan {
-    /// Devices to set to 1 (they are 0 now).
-    pub on: Vec<DevKey>,
-    /// Devices to set back to 0 (ours, no longer needed).
-    pub off: Vec<DevKey>,
-    /// The record to write before applying: what was recorded plus `on`.
-    pub record: BTreeSet<DevKey>,
+    /// Devices (ifindex, name) to set to 1 (they are 0 now).
+    pub on: Vec<(u32, String)>,
+    /// Devices (ifindex, name) to set back to 0 (ours, no longer needed).
+    pub off: Vec<(u32, String)>,
+    /// The record to write before applying (`ifindex name` per device): what was recorded
+    /// and still exists, plus `on`.
+    pub record: BTreeSet<String>,
 }
 
 /// Why kr-tunneld sets `accept_local` (issue 13; README, DSR): every node is a director, so the
@@ -876,52 +874,44 @@ pub struct AcceptLocalPlan {
 /// `wanted`: ifindex of each device carrying a local endpoint's traffic; `links`: every link
 /// with its current `accept_local`; `recorded`: the record.
 pub fn plan_accept_local(
-    wanted: &BTreeSet<u32>,
+    wanted: &[u32],
     links: &[PodLink],
-    recorded: &BTreeSet<DevKey>,
+    recorded: &BTreeSet<String>,
 ) -> AcceptLocalPlan {
     let mut p = AcceptLocalPlan::default();
-    let by_index: HashMap<u32, &PodLink> = links.iter().map(|l| (l.index, l)).collect();
-    for r in recorded {
-        match by_index.get(&r.0) {
-            // Gone, or the index now names another device: forget it.
-            None => {}
-            Some(l) if l.name != r.1 => {}
-            Some(l) if wanted.contains(&l.index) => {
-                p.record.insert(r.clone());
-            }
-            Some(l) => {
-                if l.accept_local == Some(1) {
-                    p.off.push(r.clone());
-                }
-                p.record.insert(r.clone());
-            }
-        }
-    }
-    for i in wanted {
-        if let Some(l) = by_index.get(i) {
+    for l in links {
+        // A recorded device that is gone, or whose index now names another one, is forgotten.
+        let key = format!("{} {}", l.index, l.name);
+        let ours = recorded.contains(&key);
+        let dev = (l.index, l.name.clone());
+        if wanted.contains(&l.index) {
             if l.accept_local == Some(0) {
-                p.on.push((l.index, l.name.clone()));
-                p.record.insert((l.index, l.name.clone()));
+                p.on.push(dev);
+            } else if !ours {
+                continue; // already 1: the operator's
             }
+        } else if !ours {
+            continue;
+        } else if l.accept_local == Some(1) {
+            p.off.push(dev);
         }
+        p.record.insert(key);
     }
     p
 }
 
-/// Parses the record; bad lines are skipped.
-pub fn parse_accept_local(text: &str) -> BTreeSet<DevKey> {
+/// Parses the record: one `ifindex name` a line.
+pub fn parse_accept_local(text: &str) -> BTreeSet<String> {
     text.lines()
-        .filter_map(|l| {
-            let (i, n) = l.trim().split_once(' ')?;
-            Some((i.parse().ok()?, n.to_string()))
-        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
         .collect()
 }
 
 /// Renders the record.
-pub fn render_accept_local(r: &BTreeSet<DevKey>) -> String {
-    r.iter().map(|(i, n)| format!("{i} {n}\n")).collect()
+pub fn render_accept_local(r: &BTreeSet<String>) -> String {
+    r.iter().map(|k| format!("{k}\n")).collect()
 }
 
 /// The node side of one DSR pass, in the daemon's own network namespace: [`plan_accept_local`]
@@ -944,7 +934,7 @@ pub fn node_accept_local(wants: &BTreeMap<IpAddr, PodWant>, state_dir: &Path) ->
             return out;
         }
     };
-    let mut wanted = BTreeSet::new();
+    let mut wanted = Vec::new();
     for ip in &v4 {
         match rt.request(&route_get(*ip)) {
             Ok(rs) => wanted.extend(
@@ -963,7 +953,7 @@ pub fn node_accept_local(wants: &BTreeMap<IpAddr, PodWant>, state_dir: &Path) ->
         }
     };
     let plan = plan_accept_local(&wanted, &links, &recorded);
-    let write = |r: &BTreeSet<DevKey>| {
+    let write = |r: &BTreeSet<String>| {
         crate::daemon::write_atomic(&path, render_accept_local(r).as_bytes())
     };
     if plan.record != recorded {
@@ -982,15 +972,12 @@ pub fn node_accept_local(wants: &BTreeMap<IpAddr, PodWant>, state_dir: &Path) ->
         .map(|d| (d, 1))
         .chain(plan.off.iter().map(|d| (d, 0)))
     {
-        let what = format!(
-            "set accept_local {v} on {} (DSR replies, see README)",
-            dev.1
-        );
+        let what = format!("set accept_local {v} on {} (DSR replies)", dev.1);
         match rt.request(&link_accept_local(dev.0, v)) {
             Ok(_) => {
                 out.applied.push(what);
                 if v == 0 {
-                    after.remove(dev);
+                    after.remove(&format!("{} {}", dev.0, dev.1));
                 }
             }
             Err(e) => out.failed.push(fail(&what, &e)),
@@ -1450,25 +1437,25 @@ mod tests {
     #[test]
     fn accept_local_is_set_only_where_needed_and_undone() {
         let k = |i: u32, n: &str| (i, n.to_string());
+        let r =
+            |keys: &[&str]| -> BTreeSet<String> { keys.iter().map(|k| k.to_string()).collect() };
         let links = [
             dev(5, "vpod", 0),
             dev(6, "cni0", 1),
             dev(7, "veth1", 1),
             dev(8, "other", 1),
         ];
-        let wanted: BTreeSet<u32> = [5, 6].into();
         // cni0 is already 1 and not recorded: the operator's. veth1 is ours and no longer
         // wanted; "9 gone" disappeared; 8 was "old" and is now another device.
-        let recorded: BTreeSet<DevKey> = [k(7, "veth1"), k(9, "gone"), k(8, "old")].into();
-        let p = plan_accept_local(&wanted, &links, &recorded);
+        let p = plan_accept_local(&[5, 6], &links, &r(&["7 veth1", "9 gone", "8 old"]));
         assert_eq!(p.on, vec![k(5, "vpod")]);
         assert_eq!(p.off, vec![k(7, "veth1")]);
-        assert_eq!(p.record, [k(5, "vpod"), k(7, "veth1")].into());
+        assert_eq!(p.record, r(&["5 vpod", "7 veth1"]));
         // Nothing wanted (cleanup, DSR off): only ours goes back to 0.
-        let p = plan_accept_local(&BTreeSet::new(), &links, &[k(6, "cni0")].into());
+        let p = plan_accept_local(&[], &links, &r(&["6 cni0"]));
         assert_eq!((p.on.len(), p.off.clone()), (0, vec![k(6, "cni0")]));
         // Someone reset a recorded, wanted device: set again.
-        let p = plan_accept_local(&[5].into(), &links, &[k(5, "vpod")].into());
+        let p = plan_accept_local(&[5], &links, &r(&["5 vpod"]));
         assert_eq!(p.on, vec![k(5, "vpod")]);
         let text = render_accept_local(&p.record);
         assert_eq!(text, "5 vpod\n");
