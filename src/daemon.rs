@@ -652,9 +652,7 @@ impl<K: Kernel> Daemon<K> {
         self.dsr_last = (p.ipvs.record.len(), p.ipvs.ops.len());
         problems.extend(p.diags.iter().map(|d| d.to_string()));
         if self.cfg.dry_run {
-            let mut ops: Vec<&dsr::IpvsOp> = p.ipvs.ops.iter().collect();
-            ops.sort_by_key(|op| op.stage());
-            for op in ops {
+            for op in &p.ipvs.ops {
                 let _ = writeln!(self.out, "would {op}");
             }
         } else if !p.ipvs.ops.is_empty() {
@@ -685,16 +683,19 @@ impl<K: Kernel> Daemon<K> {
         let Some(shell) = self.dsr.as_mut() else {
             return;
         };
-        let idx: Vec<usize> = (0..w.ipvs.ops.len())
-            .filter(|&i| w.ipvs.ops[i].stage() == stage)
-            .collect();
-        if self.cfg.dry_run || idx.is_empty() {
+        // dsr::plan groups the ops by stage: this one is a contiguous run.
+        let ops = &w.ipvs.ops;
+        let start = ops.iter().position(|op| op.stage() == stage);
+        let Some(start) = start.filter(|_| !self.cfg.dry_run) else {
             return;
-        }
-        let ops: Vec<dsr::IpvsOp> = idx.iter().map(|&i| w.ipvs.ops[i].clone()).collect();
-        for (i, e) in shell.ipvs.apply(&ops) {
+        };
+        let n = ops[start..]
+            .iter()
+            .take_while(|op| op.stage() == stage)
+            .count();
+        for (i, e) in shell.ipvs.apply(&ops[start..start + n]) {
             problems.push(e.to_string());
-            w.failed.push((idx[i], e.errno));
+            w.failed.push((start + i, e.errno));
         }
     }
 

@@ -1119,7 +1119,14 @@ pub fn plan(
 ) -> DsrPlan {
     let mut diags = Vec::new();
     let d = desired(inp, s, &mut diags);
-    let ipvs = plan_ipvs(&d, ipvs, owned);
+    let mut ipvs = plan_ipvs(&d, ipvs, owned);
+    // Grouped by stage (stable), so each stage is one contiguous run of ops.
+    let mut ops = std::mem::take(&mut ipvs.ops);
+    for stage in [Stage::BeforePods, Stage::AfterPods, Stage::AfterRules] {
+        let (now, later) = ops.into_iter().partition(|op: &IpvsOp| op.stage() == stage);
+        ipvs.ops.extend::<Vec<IpvsOp>>(now);
+        ops = later;
+    }
     diags.extend(ipvs.clashes.iter().cloned());
     let (rules, routes) = director_routing(&d, &ipvs.blocked, s);
     DsrPlan {
