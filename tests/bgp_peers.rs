@@ -528,6 +528,9 @@ mod tests {
     }
 
     /// bird2 as a second implementation, passive (so the session is our active one).
+    /// `strict bind`: without it bird listens on 0.0.0.0:port, which fails with EADDRINUSE
+    /// whenever our listener on the host address and port came up first (a start-order race
+    /// that failed CI), and a passive bird without a listener never gets the session.
     #[test]
     fn bird2_learns_our_pod_cidr() {
         let Some(ip) = ready(&["bird", "birdc"]) else {
@@ -541,7 +544,7 @@ mod tests {
         std::fs::write(
             &conf,
             format!(
-                "router id 127.0.0.6;\nprotocol device {{}}\nprotocol bgp kr {{\n  local 127.0.0.6 port {port} as 64512;\n  neighbor {ip} port {port} as 64512;\n  passive on;\n  hold time 90;\n  graceful restart on;\n  ipv4 {{ import all; export none; }};\n}}\n"
+                "router id 127.0.0.6;\nprotocol device {{}}\nprotocol bgp kr {{\n  local 127.0.0.6 port {port} as 64512;\n  strict bind on;\n  neighbor {ip} port {port} as 64512;\n  passive on;\n  hold time 90;\n  graceful restart on;\n  ipv4 {{ import all; export none; }};\n}}\n"
             ),
         )
         .expect("bird.conf");
