@@ -234,12 +234,42 @@ fn verified_with_the_right_ca_and_fails_closed_with_a_wrong_one() {
     );
     assert!(msg.contains("UnknownIssuer"), "{msg}");
 
-    // No CA configured: the public roots are used, and they do not know our CA either.
-    let none = client_with_ca(&server.url(), None).unwrap();
-    assert!(matches!(
-        none.get_json::<Value>("/version"),
-        Err(KubeError::Tls { .. })
-    ));
+    // No CA configured: the system bundle is used, and it does not know our CA either. Without
+    // a system bundle the client is refused at construction, naming the paths tried.
+    match kr_tunneld::kube::client::system_ca(&kr_tunneld::kube::client::SYSTEM_CA_BUNDLES) {
+        Ok(_) => {
+            let none = client_with_ca(&server.url(), None).unwrap();
+            assert!(matches!(
+                none.get_json::<Value>("/version"),
+                Err(KubeError::Tls { .. })
+            ));
+        }
+        Err(_) => {
+            let err = client_with_ca(&server.url(), None).unwrap_err().to_string();
+            assert!(err.contains("/etc/ssl/certs/ca-certificates.crt"), "{err}");
+        }
+    }
+}
+
+/// https without a CA and no system bundle: a clear error naming every path tried; with one, the
+/// first that exists is used.
+#[test]
+fn system_ca_bundle_is_found_or_named_in_the_error() {
+    use kr_tunneld::kube::client::system_ca;
+    let dir = std::env::temp_dir().join(format!("kr-sysca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("a.crt");
+    let b = dir.join("b.crt");
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let err = system_ca(&[a_s, b_s]).unwrap_err().to_string();
+    assert!(err.contains(a_s) && err.contains(b_s), "{err}");
+    assert!(err.contains("install ca-certificates"), "{err}");
+    std::fs::write(&b, "x").unwrap();
+    assert_eq!(
+        system_ca(&[a_s, b_s]).unwrap(),
+        kr_tunneld::kube::settings::Material::File(b.clone())
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

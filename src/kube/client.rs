@@ -5,8 +5,9 @@
 //! token: `Debug` is hand-written and redacts it, and no log line includes a header.
 //!
 //! Credentials (SPEC K-2):
-//! * TLS is always verified. The CA comes from the settings; without one, https uses the Mozilla
-//!   root set (still verified). There is no switch to turn verification off.
+//! * TLS is always verified. The CA comes from the settings; without one, https uses the system's
+//!   CA bundle ([`SYSTEM_CA_BUNDLES`], still verified; no bundle is an error, never a skip).
+//!   There is no switch to turn verification off.
 //! * The token file, CA, client certificate and key files are `stat`ed before every request
 //!   and re-read when their mtime, size or inode changed (bound service-account tokens rotate
 //!   hourly through an atomic symlink swap; kubelet rotates its client certificate by
@@ -121,10 +122,47 @@ fn material_bytes(what: &'static str, m: &Material) -> Result<(Vec<u8>, String),
     }
 }
 
-/// Builds the TLS configuration from the settings' CA and client certificate.
+/// The distributions' CA bundles, tried in order when https has no CA of its own: Debian and
+/// Ubuntu, Fedora/RHEL, openSUSE, Alpine and others.
+pub const SYSTEM_CA_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The first of `paths` that exists, as CA material. An error names every path tried: with no
+/// CA there is nothing to verify against, and verification is never skipped.
+pub fn system_ca(paths: &[&str]) -> Result<Material, KubeError> {
+    paths
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_file())
+        .map(|p| Material::File(p.to_path_buf()))
+        .ok_or_else(|| KubeError::Pem {
+            what: "the system CA bundle".into(),
+            reason: format!(
+                "none of {} exists; give the API server's CA (kubeconfig certificate-authority, \
+                 or ca.crt beside the service-account token) or install ca-certificates",
+                paths.join(", ")
+            ),
+        })
+}
+
+/// Builds the TLS configuration from the settings' CA (else, for https, the system's CA
+/// bundle) and client certificate.
 fn build_tls(s: &ConnectionSettings) -> Result<TlsConfig, KubeError> {
     let mut b = TlsConfig::builder();
-    if let Some(ca) = &s.ca {
+    let system;
+    let ca = match &s.ca {
+        Some(ca) => Some(ca),
+        None if s.server.starts_with("https://") => {
+            system = system_ca(&SYSTEM_CA_BUNDLES)?;
+            Some(&system)
+        }
+        None => None,
+    };
+    if let Some(ca) = ca {
         let (pem, name) = material_bytes("ca", ca)?;
         let mut certs: Vec<Certificate<'static>> = Vec::new();
         for item in ureq::tls::parse_pem(&pem) {

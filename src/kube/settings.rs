@@ -60,8 +60,8 @@ pub struct ConnectionSettings {
     /// Base URL, e.g. `https://10.96.0.1:443`, without a trailing slash. Plain `http://` only
     /// when written so.
     pub server: String,
-    /// CA bundle to verify the server with. `None` for https means the Mozilla root set
-    /// (webpki-roots): still verified.
+    /// CA bundle to verify the server with. `None` for https means the system's CA bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt` and the like): still verified.
     pub ca: Option<Material>,
     /// Name to verify the server certificate against instead of the URL's host.
     pub tls_server_name: Option<String>,
