@@ -111,6 +111,8 @@ struct DsrWork {
     ipvs: dsr::IpvsPlan,
     /// Where the record lives.
     record_path: PathBuf,
+    /// Who claims each key (the record's origins).
+    claims: Vec<(dsr::ServiceKey, String)>,
     /// Failed IPVS ops so far: index into `ipvs.ops` and errno.
     failed: Vec<(usize, i32)>,
 }
@@ -621,7 +623,9 @@ impl<K: Kernel> Daemon<K> {
             return None;
         }
         let record_path = self.cfg.state_dir.join(dsr::OWNED_FILE);
-        let owned = dsr::parse_owned(&std::fs::read_to_string(&record_path).unwrap_or_default());
+        let text = std::fs::read_to_string(&record_path).unwrap_or_default();
+        let incumbents = dsr::parse_record(&text);
+        let owned = incumbents.iter().map(|c| c.0).collect();
         let ipvs = match shell.ipvs.read(&owned) {
             Ok(s) => s,
             Err(e) => {
@@ -647,6 +651,7 @@ impl<K: Kernel> Daemon<K> {
             slices: &slices,
             local_node: &self.local,
             node_ips: &node_ips,
+            incumbents: &incumbents,
         };
         let p = dsr::plan(&inputs, &shell.settings, &ipvs, &owned);
         self.dsr_last = (p.ipvs.record.len(), p.ipvs.ops.len());
@@ -655,10 +660,10 @@ impl<K: Kernel> Daemon<K> {
             for op in &p.ipvs.ops {
                 let _ = writeln!(self.out, "would {op}");
             }
-        } else if !p.ipvs.ops.is_empty() {
+        } else if dsr::render_owned(&p.ipvs.record, &p.claims) != text {
             // Record first, so a crash between create and record cannot orphan a service.
-            if let Err(e) = write_atomic(&record_path, dsr::render_owned(&p.ipvs.record).as_bytes())
-            {
+            let r = dsr::render_owned(&p.ipvs.record, &p.claims);
+            if let Err(e) = write_atomic(&record_path, r.as_bytes()) {
                 problems.push(format!(
                     "dsr: cannot write {}: {e}; not changing IPVS",
                     record_path.display()
@@ -673,6 +678,7 @@ impl<K: Kernel> Daemon<K> {
             pods: p.pods,
             ipvs: p.ipvs,
             record_path,
+            claims: p.claims,
             failed: Vec::new(),
         })
     }
@@ -733,7 +739,10 @@ impl<K: Kernel> Daemon<K> {
         self.ipvs_stage(&mut w, dsr::Stage::AfterRules, problems);
         if !self.cfg.dry_run && !w.ipvs.ops.is_empty() {
             let after = w.ipvs.record_after(&w.failed);
-            if let Err(e) = write_atomic(&w.record_path, dsr::render_owned(&after).as_bytes()) {
+            if let Err(e) = write_atomic(
+                &w.record_path,
+                dsr::render_owned(&after, &w.claims).as_bytes(),
+            ) {
                 problems.push(format!(
                     "dsr: cannot write {}: {e}",
                     w.record_path.display()

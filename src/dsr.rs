@@ -489,6 +489,9 @@ pub struct Inputs<'a> {
     /// Every address of every Node (`status.addresses`, parsed): an endpoint with one of these
     /// IPs is a hostNetwork pod and is skipped (SPEC D-3).
     pub node_ips: &'a BTreeSet<IpAddr>,
+    /// The recorded claims (`key`, `namespace/name`) of the services kr-tunneld programmed
+    /// ([`parse_record`]): the incumbent of a key keeps it.
+    pub incumbents: &'a [(ServiceKey, String)],
 }
 
 /// A problem with the input, for the shell to log once per change (like [`crate::nodes::Diag`]).
@@ -523,8 +526,10 @@ pub struct WantedService {
     pub service: VirtualService,
     /// Real servers, sorted by (addr, port).
     pub dests: Vec<RealServer>,
-    /// The Service it comes from (`namespace/name`), for logs.
+    /// The Service it comes from (`namespace/name`), for logs and the record.
     pub origin: String,
+    /// Its endpoints on this node (pod IPs), for the pod side.
+    pub locals: Vec<IpAddr>,
 }
 
 /// What a local endpoint's pod network namespace must hold (SPEC D-4).
@@ -787,13 +792,19 @@ pub fn default_netmask(f: Family) -> u32 {
     }
 }
 
-/// The desired DSR state from the cluster state (SPEC D-1…D-4). Services are handled in
-/// `namespace/name` order, so when two claim the same `VIP:port/proto` the first wins and the
-/// other is reported, deterministically.
+/// The desired DSR state from the cluster state (SPEC D-1…D-4). When Services claim the same
+/// `VIP:port/proto`, a name never decides: the incumbent (the recorded claim) keeps it, else
+/// the oldest Service (`creationTimestamp`, then `uid`); the others are reported naming both,
+/// and their endpoints get no pod-side state for that key.
 pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired {
     let mut d = Desired::default();
     let mut svcs: Vec<&Service> = inp.services.iter().filter(|s| is_dsr(s)).collect();
-    svcs.sort_by_cached_key(|s| s.metadata.key());
+    svcs.sort_by_cached_key(|s| {
+        let m = &s.metadata;
+        // A missing timestamp (never from a real API server) sorts last.
+        let ts = m.creation_timestamp.clone();
+        (ts.is_empty(), ts, m.uid.clone(), m.key())
+    });
     if !svcs.is_empty() && s.external_ip_ranges.is_empty() && s.lb_ip_ranges.is_empty() {
         diag(
             diags,
@@ -845,7 +856,7 @@ pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired
                     port,
                 };
                 let mut dests = Vec::new();
-                let mut has_local = false;
+                let mut locals = Vec::new();
                 for ep in endpoints(svc, inp.slices, &sp.name, proto, family) {
                     if inp.node_ips.contains(&ep.ip) {
                         diag(
@@ -860,18 +871,7 @@ pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired
                     }
                     let is_local = ep.node == Some(inp.local_node);
                     if is_local {
-                        let pw = d.pods.entry(ep.ip).or_insert_with(|| PodWant {
-                            ip: ep.ip,
-                            vips: BTreeSet::new(),
-                            gue_port: None,
-                            origins: BTreeSet::new(),
-                        });
-                        pw.vips.insert(vip);
-                        pw.origins.insert(origin.clone());
-                        if let DestTunnel::Gue(p) = s.tunnel {
-                            pw.gue_port = Some(p);
-                        }
-                        has_local = true;
+                        locals.push(ep.ip);
                     }
                     if local && !is_local {
                         continue;
@@ -890,19 +890,35 @@ pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired
                     }
                     dests.push(real_server(ep.ip, port, s.tunnel));
                 }
-                if local && !has_local {
+                if local && locals.is_empty() {
                     // kube-router: with a Local policy and no local endpoint this node does not
                     // serve the VIP at all (the load balancer's health check steers away).
                     continue;
                 }
                 dests.sort_by_key(RealServer::id);
                 if let Some(other) = d.services.get(&key) {
+                    // Services come oldest first: the one already here is older, unless this
+                    // one is the incumbent.
+                    let incumbent = inp
+                        .incumbents
+                        .iter()
+                        .any(|(k, o)| *k == key && *o == origin);
+                    let (keeps, loses) = if incumbent {
+                        (origin.as_str(), other.origin.as_str())
+                    } else {
+                        (other.origin.as_str(), origin.as_str())
+                    };
                     diag(
                         diags,
-                        &object,
-                        format!("{key} is already served by {}; skipped", other.origin),
+                        "dsr",
+                        format!(
+                            "{key} is claimed by {keeps} and {loses}: {keeps} keeps it ({}), {loses} is skipped",
+                            if incumbent { "programmed first" } else { "older" }
+                        ),
                     );
-                    continue;
+                    if !incumbent {
+                        continue;
+                    }
                 }
                 let service = VirtualService {
                     key,
@@ -917,8 +933,25 @@ pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired
                         service,
                         dests,
                         origin: origin.clone(),
+                        locals,
                     },
                 );
+            }
+        }
+    }
+    // Pod-side wants from the services that won their keys only.
+    for (key, w) in &d.services {
+        for &ip in &w.locals {
+            let pw = d.pods.entry(ip).or_insert_with(|| PodWant {
+                ip,
+                vips: BTreeSet::new(),
+                gue_port: None,
+                origins: BTreeSet::new(),
+            });
+            pw.vips.insert(key.addr);
+            pw.origins.insert(w.origin.clone());
+            if let DestTunnel::Gue(p) = s.tunnel {
+                pw.gue_port = Some(p);
             }
         }
     }
@@ -1107,6 +1140,8 @@ pub struct DsrPlan {
     pub pods: BTreeMap<IpAddr, PodWant>,
     /// Problems to log once per change.
     pub diags: Vec<Diag>,
+    /// Who claims each key, for [`render_owned`].
+    pub claims: Vec<(ServiceKey, String)>,
 }
 
 /// One DSR pass: [`desired`], [`plan_ipvs`] against the kernel's IPVS table and the ownership
@@ -1133,6 +1168,7 @@ pub fn plan(
         ipvs,
         rules,
         routes,
+        claims: claims(&d, inp.incumbents),
         pods: d.pods,
         diags,
     }
@@ -1153,16 +1189,29 @@ pub fn node_ips<'a>(
 /// File name of the IPVS ownership record in the state directory (`/run/kr-tunneld`).
 pub const OWNED_FILE: &str = "ipvs-services";
 
-/// The ownership record as file text: one `proto addr port` line per key, sorted.
-pub fn render_owned(keys: &BTreeSet<ServiceKey>) -> String {
+/// The ownership record as file text: one `proto addr port origin` line per key, sorted;
+/// `origin` (the claiming Service, `namespace/name`) comes from `claims`, and is `-` when unknown.
+pub fn render_owned(keys: &BTreeSet<ServiceKey>, claims: &[(ServiceKey, String)]) -> String {
     keys.iter()
-        .map(|k| format!("{} {} {}\n", k.protocol.name(), k.addr, k.port))
+        .map(|k| {
+            let o = claims
+                .iter()
+                .find(|c| c.0 == *k)
+                .map_or("-", |c| c.1.as_str());
+            format!("{} {} {} {o}\n", k.protocol.name(), k.addr, k.port)
+        })
         .collect()
 }
 
-/// Parses [`render_owned`] text; unreadable lines are dropped (a garbled record can only make
-/// kr-tunneld leave a service alone, never take a foreign one).
+/// The keys of [`parse_record`].
 pub fn parse_owned(text: &str) -> BTreeSet<ServiceKey> {
+    parse_record(text).into_iter().map(|c| c.0).collect()
+}
+
+/// Parses [`render_owned`] text into (key, origin); unreadable lines are dropped (a garbled
+/// record can only make kr-tunneld leave a service alone, never take a foreign one). Lines of
+/// older versions have no origin (`-`).
+pub fn parse_record(text: &str) -> Vec<(ServiceKey, String)> {
     text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
@@ -1174,13 +1223,32 @@ pub fn parse_owned(text: &str) -> BTreeSet<ServiceKey> {
             };
             let addr = it.next()?.parse().ok()?;
             let port = it.next()?.parse().ok()?;
-            it.next().is_none().then_some(ServiceKey {
-                addr,
-                protocol,
-                port,
-            })
+            let origin = it.next().unwrap_or("-").to_string();
+            it.next().is_none().then_some((
+                ServiceKey {
+                    addr,
+                    protocol,
+                    port,
+                },
+                origin,
+            ))
         })
         .collect()
+}
+
+/// The claims to record: the origin of each wanted key, and for the others the recorded one.
+fn claims(d: &Desired, old: &[(ServiceKey, String)]) -> Vec<(ServiceKey, String)> {
+    let mut c: Vec<(ServiceKey, String)> = d
+        .services
+        .iter()
+        .map(|(k, w)| (*k, w.origin.clone()))
+        .collect();
+    c.extend(
+        old.iter()
+            .filter(|o| !d.services.contains_key(&o.0))
+            .cloned(),
+    );
+    c
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1863,6 +1931,15 @@ mod tests {
     }
 
     fn run(services: &[Service], slices: &[EndpointSlice], s: &Settings) -> (Desired, Vec<Diag>) {
+        run_with(services, slices, s, &[])
+    }
+
+    fn run_with(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        s: &Settings,
+        incumbents: &[(ServiceKey, String)],
+    ) -> (Desired, Vec<Diag>) {
         let node_ips: BTreeSet<IpAddr> = ["192.168.1.1", "192.168.1.2"]
             .iter()
             .map(|a| a.parse().unwrap())
@@ -1872,6 +1949,7 @@ mod tests {
             slices,
             local_node: "node1",
             node_ips: &node_ips,
+            incumbents,
         };
         let mut diags = Vec::new();
         let d = desired(&inp, s, &mut diags);
@@ -2269,17 +2347,101 @@ mod tests {
         assert!(has(&diags, "port 70000 out of range"));
     }
 
+    /// `ns/name` claiming 203.0.113.10:80 like `default/web`, created at `ts`, with one local
+    /// endpoint `pod` on node1 (its own slice).
+    fn claimant(ns: &str, name: &str, ts: &str, uid: &str, pod: &str) -> (Service, EndpointSlice) {
+        let s = web(json!({"metadata": {"name": name, "namespace": ns,
+                                        "creationTimestamp": ts, "uid": uid}}));
+        let sl = slice(json!({
+            "metadata": {"name": format!("{name}-1"), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": name,
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [pod], "nodeName": "node1", "conditions": {"ready": true}}],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80}]
+        }));
+        (s, sl)
+    }
+
     #[test]
-    fn two_services_one_vip_port_first_wins() {
+    fn a_newcomer_never_takes_a_vip_by_its_name() {
         let s = settings();
-        let a = web(json!({}));
-        let b = web(json!({"metadata": {"name": "web2"}}));
-        let (d, diags) = run(&[b, a], &two_nodes(), &s);
-        assert_eq!(d.services[&key("203.0.113.10", 80)].origin, "default/web");
-        assert!(has(
-            &diags,
-            "service default/web2: tcp 203.0.113.10:80 is already served by default/web"
-        ));
+        // No incumbent: the older Service keeps the VIP, whatever the names; the loser's pod
+        // gets nothing.
+        let (prod, prod_sl) = claimant(
+            "prod",
+            "web",
+            "2020-01-01T00:00:00Z",
+            "u-prod",
+            "10.244.1.5",
+        );
+        let (aaa, aaa_sl) = claimant("aaa", "x", "2026-12-01T00:00:00Z", "u-aaa", "10.244.1.99");
+        let (d, diags) = run(
+            &[aaa.clone(), prod.clone()],
+            &[aaa_sl.clone(), prod_sl.clone()],
+            &s,
+        );
+        assert_eq!(d.services[&key("203.0.113.10", 80)].origin, "prod/web");
+        assert!(!d.pods.contains_key(&ip("10.244.1.99")), "{:?}", d.pods);
+        assert!(d.pods.contains_key(&ip("10.244.1.5")));
+        assert!(has(&diags, "dsr: tcp 203.0.113.10:80 is claimed by prod/web and aaa/x: prod/web keeps it (older), aaa/x is skipped"), "{diags:?}");
+        assert_eq!(diags.len(), 1);
+
+        // The incumbent (recorded claim) keeps the key even when it is the younger one.
+        let rec = [(key("203.0.113.10", 80), "aaa/x".to_string())];
+        let (d, diags) = run_with(
+            &[prod.clone(), aaa.clone()],
+            &[prod_sl.clone(), aaa_sl.clone()],
+            &s,
+            &rec,
+        );
+        assert_eq!(d.services[&key("203.0.113.10", 80)].origin, "aaa/x");
+        assert!(d.pods.contains_key(&ip("10.244.1.99")));
+        assert!(!d.pods.contains_key(&ip("10.244.1.5")), "{:?}", d.pods);
+        assert!(
+            has(
+                &diags,
+                "aaa/x keeps it (programmed first), prod/web is skipped"
+            ),
+            "{diags:?}"
+        );
+
+        // A recorded claim of a Service that no longer claims the key gives no right: age decides.
+        let rec = [(key("203.0.113.10", 80), "gone/svc".to_string())];
+        let (d, _) = run_with(
+            &[aaa.clone(), prod.clone()],
+            &[aaa_sl.clone(), prod_sl.clone()],
+            &s,
+            &rec,
+        );
+        assert_eq!(d.services[&key("203.0.113.10", 80)].origin, "prod/web");
+
+        // Same second: the uid decides, not the name; order of the list does not matter.
+        let (zzz, zzz_sl) = claimant("zzz", "y", "2020-01-01T00:00:00Z", "u-0", "10.244.1.77");
+        for list in [[zzz.clone(), prod.clone()], [prod.clone(), zzz.clone()]] {
+            let (d, _) = run(&list, &[zzz_sl.clone(), prod_sl.clone()], &s);
+            assert_eq!(d.services[&key("203.0.113.10", 80)].origin, "zzz/y");
+            assert_eq!(
+                d.pods.keys().copied().collect::<Vec<_>>(),
+                [ip("10.244.1.77")]
+            );
+        }
+
+        // The plan records who claims what, and a restart reads it back as the incumbent.
+        let inp = Inputs {
+            services: &[aaa.clone(), prod.clone()],
+            slices: &[aaa_sl, prod_sl],
+            local_node: "node1",
+            node_ips: &BTreeSet::new(),
+            incumbents: &[],
+        };
+        let p = plan(&inp, &s, &IpvsState::default(), &BTreeSet::new());
+        let text = render_owned(&p.ipvs.record, &p.claims);
+        assert_eq!(text, "tcp 203.0.113.10 80 prod/web\n");
+        assert_eq!(
+            parse_record(&text),
+            [(key("203.0.113.10", 80), "prod/web".to_string())]
+        );
     }
 
     #[test]
@@ -2509,13 +2671,15 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let text = render_owned(&keys);
+        let claims = [(key("203.0.113.10", 80), "prod/web".to_string())];
+        let text = render_owned(&keys, &claims);
         assert_eq!(
             text,
-            "tcp 203.0.113.10 80\nsctp 203.0.113.10 9\nudp 2001:db8::1 53\n"
+            "tcp 203.0.113.10 80 prod/web\nsctp 203.0.113.10 9 -\nudp 2001:db8::1 53 -\n"
         );
         assert_eq!(parse_owned(&text), keys);
-        let garbled = "tcp 203.0.113.10 80\nicmp 1.2.3.4 1\ntcp 1.2.3.4\ntcp 1.2.3.4 99999\nudp x 1\ntcp 1.1.1.1 1 extra\n";
+        assert_eq!(parse_record(&text)[0], claims[0]);
+        let garbled = "tcp 203.0.113.10 80\nicmp 1.2.3.4 1\ntcp 1.2.3.4\ntcp 1.2.3.4 99999\nudp x 1\ntcp 1.1.1.1 1 a/b extra\n";
         assert_eq!(
             parse_owned(garbled),
             [key("203.0.113.10", 80)].into_iter().collect()
@@ -2797,6 +2961,7 @@ mod tests {
             slices: &slices,
             local_node: "node1",
             node_ips: &ips,
+            incumbents: &[],
         };
         let held = VirtualService {
             key: key("203.0.113.10", 80),

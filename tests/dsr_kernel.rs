@@ -87,6 +87,7 @@ fn desired(svc: &Service, slices: &[EndpointSlice], node: &str, s: &Settings) ->
         slices,
         local_node: node,
         node_ips: &node_ips,
+        incumbents: &[],
     };
     let mut diags = Vec::new();
     let d = dsr::desired(&inp, s, &mut diags);

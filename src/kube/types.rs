@@ -53,6 +53,12 @@ pub struct ObjectMeta {
     /// `metadata.annotations`.
     #[serde(default, deserialize_with = "nullable")]
     pub annotations: BTreeMap<String, String>,
+    /// `metadata.creationTimestamp` (RFC 3339 in UTC to the second: compares as text).
+    #[serde(default, deserialize_with = "nullable")]
+    pub creation_timestamp: String,
+    /// `metadata.uid`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub uid: String,
 }
 
 impl ObjectMeta {

@@ -1103,6 +1103,7 @@ mod unit {
                 service: svc(),
                 dests: vec![dest()],
                 origin: "default/web".into(),
+                locals: Vec::new(),
             },
         );
         let mut owned = BTreeSet::new();
