@@ -13,6 +13,15 @@
 //! (what etcd compaction does to a token's revision) an older token answers HTTP 410 with a
 //! `Status` of reason `Expired` and a fresh "inconsistent" token (rv -1) in `metadata.continue`;
 //! a token that does not decode answers 400, as the real server does.
+//!
+//! The watch cache (SPEC P-5), as kube-apiserver's cacher decides: a list with
+//! `resourceVersion=0` is served from the cache whatever its `limit` (whole, one reply, as
+//! servers before ListFromCacheSnapshot do); `resourceVersion=X` without `limit` (NotOlderThan)
+//! is served from the cache if it is at X or later, else 504 "Too large resource version" (the
+//! recorded reply; the real one comes after waiting 3 s); with a `limit` it goes to etcd. The
+//! cache can be made to lag ([`FakeApi::freeze_cache`]), as a freshly restarted or partitioned
+//! replica's does. [`FakeApi::expire_watches`] is an API server restart: open watches are cut and
+//! a watch from an older version gets HTTP 200 with one ERROR 410 Expired event.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -47,6 +56,12 @@ struct State {
     compact_after_page: bool,
     /// Path and query of every request, oldest first.
     requests: Vec<String>,
+    /// The watch cache's version when it lags (`None`: up to date).
+    cache_at: Option<u64>,
+    /// Lists served from the watch cache.
+    cache_reads: u64,
+    /// Watches from a version below this get 410 Expired.
+    expired_below: u64,
 }
 
 /// The server handle; dropping it stops accepting.
@@ -167,6 +182,29 @@ impl FakeApi {
             .get(path)
             .map(|o| o.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The watch cache stops at the current version (lists from it are stale) until
+    /// `freeze_cache(false)`.
+    pub fn freeze_cache(&self, frozen: bool) {
+        let mut s = lock(&self.inner.0);
+        s.cache_at = frozen.then_some(s.rv);
+    }
+
+    /// Lists served from the watch cache so far.
+    pub fn cache_reads(&self) -> u64 {
+        lock(&self.inner.0).cache_reads
+    }
+
+    /// An API server restart as clients see it: open watches are cut, and watches from any
+    /// version seen so far answer 410 Expired (the new cache starts at a later version).
+    pub fn expire_watches(&self) {
+        let (m, cv) = &*self.inner;
+        let mut s = lock(m);
+        s.rv += 1;
+        s.expired_below = s.rv;
+        s.epoch += 1;
+        cv.notify_all();
     }
 
     /// Path and query of every request served so far, oldest first.
@@ -299,16 +337,33 @@ fn snapshot<'a>(s: &'a State, coll: &str, at: u64) -> BTreeMap<String, &'a Value
 }
 
 /// Answers a list request: (status line, body).
-fn list(s: &State, coll: Option<&'static str>, path: &str) -> (&'static str, String) {
-    let limit = query(path, "limit")
+fn list(s: &mut State, coll: Option<&'static str>, path: &str) -> (&'static str, String) {
+    let mut limit = query(path, "limit")
         .and_then(|l| l.parse::<usize>().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
     let token = query(path, "continue").filter(|c| !c.is_empty());
-    let (at, start) = match token {
-        None => (s.rv, String::new()),
-        Some(token) => {
-            if query(path, "resourceVersion").is_some_and(|v| !v.is_empty() && v != "0") {
+    let rv = query(path, "resourceVersion").filter(|v| !v.is_empty());
+    let (at, start) = match (token, rv) {
+        (None, Some(rv)) if rv == "0" || limit == usize::MAX => {
+            // The cacher serves it; it ignores `limit`.
+            let cache = s.cache_at.unwrap_or(s.rv);
+            if rv.parse::<u64>().unwrap_or(u64::MAX) > cache {
+                let msg = format!("Timeout: Too large resource version: {rv}, current: {cache}");
+                let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": msg, "reason": "Timeout",
+                    "details": {"causes": [{"reason": "ResourceVersionTooLarge",
+                    "message": "Too large resource version"}], "retryAfterSeconds": 1},
+                    "code": 504});
+                return ("504 Gateway Timeout", body.to_string());
+            }
+            s.cache_reads += 1;
+            limit = usize::MAX;
+            (cache, String::new())
+        }
+        (None, _) => (s.rv, String::new()),
+        (Some(token), rv) => {
+            if rv.is_some_and(|v| v != "0") {
                 let msg = "specifying resource version is not allowed when using continue";
                 return (
                     "400 Bad Request",
@@ -384,7 +439,7 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
         let watch = matches!(query(&path, "watch").as_deref(), Some("true") | Some("1"));
         if !watch {
             let mut s = lock(m);
-            let (status, body) = list(&s, coll, &path);
+            let (status, body) = list(&mut s, coll, &path);
             if std::mem::take(&mut s.compact_after_page) {
                 s.rv += 1;
                 s.compacted = s.rv;
@@ -404,6 +459,14 @@ fn serve(c: TcpStream, inner: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<
         let end = Instant::now() + Duration::from_secs(timeout);
         let mut s = lock(m);
         let epoch = s.epoch;
+        if from > 0 && from < s.expired_below {
+            let ev = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from} ({})", s.expired_below)}});
+            let data = format!("{ev}\n");
+            write!(w, "{:x}\r\n{data}\r\n0\r\n\r\n", data.len())?;
+            return Ok(());
+        }
         loop {
             if s.down || s.epoch != epoch {
                 // Cut the stream without the terminating chunk, as a dying server would.
@@ -607,5 +670,41 @@ mod tests {
             .requests()
             .iter()
             .all(|r| r.starts_with("/api/v1/nodes")));
+    }
+
+    #[test]
+    fn watch_cache_semantics() {
+        let all: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+        let api = with_nodes(&all);
+        api.freeze_cache(true); // cache at 5
+        api.delete_node("n0"); // rv 6
+                               // resourceVersion=0: from the (stale) cache, whole, whatever the limit.
+        let (code, l) = get(&api, "/api/v1/nodes?resourceVersion=0&limit=2");
+        assert_eq!(code, 200);
+        assert_eq!(names(&l).len(), 5, "stale cache still has n0");
+        assert_eq!(l["metadata"]["resourceVersion"], "5");
+        assert!(l["metadata"]["continue"].is_null());
+        // NotOlderThan above the cache: 504 Too large resource version.
+        let (code, st) = get(
+            &api,
+            "/api/v1/nodes?resourceVersionMatch=NotOlderThan&resourceVersion=6",
+        );
+        assert_eq!(code, 504);
+        assert_eq!(
+            st["details"]["causes"][0]["reason"],
+            "ResourceVersionTooLarge"
+        );
+        // With a limit it goes to etcd: current and paginated.
+        let (code, l) = get(&api, "/api/v1/nodes?resourceVersion=6&limit=2");
+        assert_eq!(code, 200);
+        assert_eq!(names(&l), ["n1", "n2"]);
+        assert_eq!(api.cache_reads(), 1);
+        api.freeze_cache(false);
+        let (_, l) = get(
+            &api,
+            "/api/v1/nodes?resourceVersionMatch=NotOlderThan&resourceVersion=6",
+        );
+        assert_eq!(names(&l), ["n1", "n2", "n3", "n4"]);
+        assert_eq!(api.cache_reads(), 2);
     }
 }

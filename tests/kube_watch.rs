@@ -49,6 +49,7 @@ fn fast() -> WatchConfig {
         retry_after_max: Duration::from_secs(5),
         relist_interval: None,
         max_line: 1 << 20,
+        relist_jitter: Duration::ZERO,
     }
 }
 
@@ -849,5 +850,48 @@ fn api_connections_have_tcp_keepalive() {
             "fd {fd}: {idle} + {cnt} × {intvl} s"
         );
     }
+    w.finish();
+}
+
+/// SPEC P-5: after an API server restart (410 on the watch) the relist is served from the
+/// watch cache and never goes back in time: a lagging cache answers 504, and then (only then)
+/// the relist reads from etcd.
+#[test]
+fn relist_after_410_is_served_from_the_watch_cache_never_older() {
+    let api = fake_nodes(3);
+    let mut w = Watch::<Node>::start(client(&format!("http://{}", api.addr), None), fast());
+    w.synced();
+    api.expire_watches();
+    assert!(w.mirror.wait_for(WAIT, |m| m.replaces == 2));
+    let lists = list_requests(&api);
+    assert_eq!(
+        lists[1], "/api/v1/nodes?resourceVersionMatch=NotOlderThan&resourceVersion=4",
+        "{lists:?}"
+    );
+    assert_eq!(api.cache_reads(), 1);
+    assert!(w.mirror.objects == expected_nodes(&api));
+
+    // A replica whose cache lags: p00000 is deleted after it stopped.
+    api.freeze_cache(true);
+    api.delete_node("p00000");
+    assert!(w.mirror.wait_for(WAIT, |m| m.removed == ["p00000"]));
+    api.expire_watches();
+    assert!(w.mirror.wait_for(WAIT, |m| m.replaces == 3));
+    let lists = list_requests(&api);
+    assert_eq!(lists.len(), 4, "{lists:?}");
+    assert!(
+        lists[2].ends_with("NotOlderThan&resourceVersion=6"),
+        "{lists:?}"
+    );
+    assert_eq!(
+        lists[3], "/api/v1/nodes?limit=500",
+        "504, then a consistent read"
+    );
+    assert_eq!(api.cache_reads(), 1);
+    assert!(
+        !w.mirror.objects.contains_key("p00000"),
+        "no step back in time"
+    );
+    assert!(w.mirror.objects == expected_nodes(&api));
     w.finish();
 }
