@@ -261,6 +261,14 @@ pub const FLAGS: &[Flag] = &[
         "priority of the 'to <VIP> ipproto P dport N' rules"
     ),
     flag!(
+        "dsr-endpointslice-managers",
+        List,
+        "NAME,..",
+        "",
+        "DSR",
+        "EndpointSlice managed-by values trusted besides the controller's"
+    ),
+    flag!(
         "enable-ibgp",
         Bool,
         "BOOL",

@@ -72,6 +72,8 @@ pub struct Dsr {
     pub table: u32,
     /// `--dsr-rule-priority`.
     pub rule_priority: u32,
+    /// `--dsr-endpointslice-managers`: trusted besides the EndpointSlice controller.
+    pub slice_managers: Vec<String>,
 }
 
 /// The validated configuration.
@@ -230,6 +232,32 @@ impl V<'_> {
     }
 }
 
+impl V<'_> {
+    /// A comma list of Kubernetes label values (1–63 of `[A-Za-z0-9._-]`, alphanumeric at
+    /// both ends).
+    fn label_values(&self, name: &str) -> Result<Vec<String>, ConfigError> {
+        let mut out = Vec::new();
+        for part in self.args.get(name).0.split(',').map(str::trim) {
+            let b = part.as_bytes();
+            let edge = |c: Option<&u8>| c.is_some_and(u8::is_ascii_alphanumeric);
+            if part.len() > 63
+                || !edge(b.first())
+                || !edge(b.last())
+                || !b
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
+            {
+                if part.is_empty() {
+                    continue;
+                }
+                return Err(self.bad(name, format!("'{part}' is not a label value")));
+            }
+            out.push(part.to_string());
+        }
+        Ok(out)
+    }
+}
+
 impl Config {
     /// Validate everything the user typed.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
@@ -336,6 +364,7 @@ impl Config {
             lb_ip_ranges: v.nets("loadbalancer-ip-range")?,
             table: dsr_table,
             rule_priority: v.num::<u32>("dsr-rule-priority", 1, 32765)?,
+            slice_managers: v.label_values("dsr-endpointslice-managers")?,
         };
         if dsr.rule_priority == overlay.rule_priority {
             return Err(v.bad(
@@ -466,6 +495,10 @@ mod tests {
                 "'10.0.0.0/33' is not a CIDR",
             ),
             (&["--dsr-table", "77"], "invalid value '77' for --dsr-table"),
+            (
+                &["--dsr-endpointslice-managers", "ok.io,bad/x"],
+                "invalid value 'ok.io,bad/x' for --dsr-endpointslice-managers: 'bad/x' is not a label value",
+            ),
             (
                 &["--master", "10.0.0.1:6443"],
                 "invalid value '10.0.0.1:6443' for --master",

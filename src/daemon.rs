@@ -1619,7 +1619,8 @@ mod tests {
                 .collect();
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "web-1", "namespace": "default",
-                             "labels": {"kubernetes.io/service-name": "web"}},
+                             "labels": {"kubernetes.io/service-name": "web",
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
                 "addressType": "IPv4", "endpoints": eps,
                 "ports": [{"protocol": "TCP", "port": 80}]
             }))
@@ -1734,7 +1735,12 @@ mod tests {
 
     #[test]
     fn dsr_follows_annotated_services_and_keeps_its_rules_until_listed() {
-        let mut d = daemon(&["--enable-dsr", "--service-external-ip-range=203.0.113.0/24"]);
+        // The recorded slices are managed by `manual-test`.
+        let mut d = daemon(&[
+            "--enable-dsr",
+            "--service-external-ip-range=203.0.113.0/24",
+            "--dsr-endpointslice-managers=manual-test",
+        ]);
         let ipvs = std::sync::Arc::new(std::sync::Mutex::new(
             crate::netlink::ipvs::FakeIpvs::default(),
         ));

@@ -448,6 +448,8 @@ pub struct Settings {
     pub protocol: u8,
     /// `--link-group`: marks the pods' receive links.
     pub link_group: u32,
+    /// `--dsr-endpointslice-managers`: `managed-by` values trusted besides [`SLICE_CONTROLLER`].
+    pub slice_managers: Vec<String>,
 }
 
 impl Settings {
@@ -466,6 +468,7 @@ impl Settings {
             rule_priority: cfg.dsr.rule_priority,
             protocol: cfg.overlay.own.protocol,
             link_group: cfg.overlay.own.link_group,
+            slice_managers: cfg.dsr.slice_managers.clone(),
         }
     }
 
@@ -715,12 +718,14 @@ struct Ep<'a> {
     port: Option<i32>,
 }
 
-/// The usable endpoints of a Service port: from the Service's slices (label and namespace),
-/// the slice port with the same name and protocol, ready or serving, of the given family, deduped
-/// by IP (the first address of an endpoint is its IP, per the API).
+/// The usable endpoints of a Service port: from the Service's slices (label and namespace) with
+/// a trusted manager (`trusted`), the slice port with the same name and protocol, ready or
+/// serving, of the given family, deduped by IP (the first address of an endpoint is its IP, per
+/// the API).
 fn endpoints<'a>(
     svc: &Service,
     slices: &'a [EndpointSlice],
+    trusted: &[String],
     port_name: &str,
     proto: Protocol,
     family: Family,
@@ -735,6 +740,7 @@ fn endpoints<'a>(
         if slice.metadata.namespace != svc.metadata.namespace
             || slice.service_name() != Some(svc.metadata.name.as_str())
             || slice.address_type != want_type
+            || !slice_trusted(slice, trusted)
         {
             continue;
         }
@@ -765,6 +771,17 @@ fn endpoints<'a>(
     out
 }
 
+/// Whether the slice is managed by the EndpointSlice controller or one of `others` (review S3:
+/// anyone who may write a slice must not be able to steer a VIP).
+fn slice_trusted(slice: &EndpointSlice, others: &[String]) -> bool {
+    let m = slice
+        .metadata
+        .labels
+        .get(MANAGED_BY)
+        .map_or("", String::as_str);
+    m == SLICE_CONTROLLER || others.iter().any(|o| o == m)
+}
+
 /// The real server for an endpoint, with the configured tunnel type.
 pub fn real_server(ip: IpAddr, port: u16, tunnel: DestTunnel) -> RealServer {
     let (tun_type, tun_port) = match tunnel {
@@ -791,6 +808,11 @@ pub fn default_netmask(f: Family) -> u32 {
         Family::V6 => 128,
     }
 }
+
+/// The EndpointSlice label naming the controller that manages the slice.
+pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// The EndpointSlice controller's `managed-by` value, always trusted.
+pub const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
 /// The desired DSR state from the cluster state (SPEC D-1…D-4). When Services claim the same
 /// `VIP:port/proto`, a name never decides: the incumbent (the recorded claim) keeps it, else
@@ -823,6 +845,17 @@ pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired
         let vips = vips(svc, s, &object, diags);
         if vips.is_empty() {
             continue;
+        }
+        for sl in inp.slices.iter().filter(|sl| {
+            sl.metadata.namespace == svc.metadata.namespace
+                && sl.service_name() == Some(svc.metadata.name.as_str())
+                && !slice_trusted(sl, &s.slice_managers)
+        }) {
+            diag(
+                diags,
+                &format!("endpointslice {}", sl.metadata.key()),
+                format!("not managed by {SLICE_CONTROLLER} nor a --dsr-endpointslice-managers value; ignored"),
+            );
         }
         let (sched, sched_flags) = scheduler(svc, &object, diags);
         let (persist, timeout) = persistence(svc);
@@ -857,7 +890,7 @@ pub fn desired(inp: &Inputs<'_>, s: &Settings, diags: &mut Vec<Diag>) -> Desired
                 };
                 let mut dests = Vec::new();
                 let mut locals = Vec::new();
-                for ep in endpoints(svc, inp.slices, &sp.name, proto, family) {
+                for ep in endpoints(svc, inp.slices, &s.slice_managers, &sp.name, proto, family) {
                     if inp.node_ips.contains(&ep.ip) {
                         diag(
                             diags,
@@ -1330,6 +1363,9 @@ pub struct PodNs {
     pub rules: Vec<Rule>,
     /// FOU ports.
     pub fou: Vec<FouPort>,
+    /// The FOU ports kr-tunneld opened here (from its record, not from the kernel): the only
+    /// ones it ever closes.
+    pub ours_fou: Vec<FouPort>,
     /// `net.ipv4.conf.all.rp_filter` (RTM_GETNETCONF), when read.
     pub all_rp_filter: Option<u32>,
 }
@@ -1624,19 +1660,14 @@ pub fn plan_pod(wants: &[&PodWant], ns: &PodNs, s: &Settings, diags: &mut Vec<Di
             None => fou_ops.push(PodOp::AddFouPort(*f)),
         }
     }
-    // Our GUE ports nothing wants: a pod netns with our link (or one we are removing) only.
-    let had_ours = [Family::V4, Family::V6]
-        .iter()
-        .any(|f| ns.our_link(*f, s).is_some());
-    if had_ours || !wants.is_empty() {
-        for a in &ns.fou {
-            if a.gue
-                && !wanted_fou
-                    .iter()
-                    .any(|f| f.family == a.family && f.port == a.port)
-            {
-                ops.push(PodOp::DelFouPort(*a));
-            }
+    // The GUE ports we opened here that nothing wants (review S3: never anyone else's).
+    for a in &ns.fou {
+        if ns.ours_fou.contains(a)
+            && !wanted_fou
+                .iter()
+                .any(|f| f.family == a.family && f.port == a.port)
+        {
+            ops.push(PodOp::DelFouPort(*a));
         }
     }
     // Routes and rules of ours that nothing wants; then the wanted ones.
@@ -1740,6 +1771,7 @@ pub fn apply_pod(ns: &mut PodNs, op: &PodOp, s: &Settings) -> Result<(), i32> {
                 return Err(libc::EEXIST);
             }
             ns.fou.push(*p);
+            ns.ours_fou.push(*p);
         }
         PodOp::DelFouPort(p) => {
             let i = ns
@@ -1748,6 +1780,7 @@ pub fn apply_pod(ns: &mut PodNs, op: &PodOp, s: &Settings) -> Result<(), i32> {
                 .position(|q| q.family == p.family && q.port == p.port)
                 .ok_or(libc::ENOENT)?;
             ns.fou.remove(i);
+            ns.ours_fou.retain(|q| q != p);
         }
         PodOp::CreateLink {
             name,
@@ -1862,6 +1895,7 @@ mod tests {
             rule_priority: 32000,
             protocol: 157,
             link_group: 19284,
+            slice_managers: Vec::new(),
         }
     }
 
@@ -1912,7 +1946,8 @@ mod tests {
             .collect();
         slice(json!({
             "metadata": {"name": name, "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "web"}},
+                         "labels": {"kubernetes.io/service-name": "web",
+                                    MANAGED_BY: "endpointslice-controller.k8s.io"}},
             "addressType": family,
             "endpoints": eps,
             "ports": [{"name": "http", "protocol": "TCP", "port": 80}]
@@ -2445,6 +2480,46 @@ mod tests {
     }
 
     #[test]
+    fn only_slices_of_trusted_managers_are_used() {
+        let s = settings();
+        let svc = [web(json!({}))];
+        let k = key("203.0.113.10", 80);
+        let (d, _) = run(&svc, &two_nodes(), &s);
+        assert_eq!(d.services[&k].dests.len(), 2);
+        for manager in [Some("manual-test"), None] {
+            let mut sl = two_nodes();
+            sl[0].metadata.labels.remove(MANAGED_BY);
+            if let Some(m) = manager {
+                sl[0].metadata.labels.insert(MANAGED_BY.into(), m.into());
+            }
+            let (d, diags) = run(&svc, &sl, &s);
+            assert!(d.services[&k].dests.is_empty(), "{manager:?}");
+            assert!(d.pods.is_empty());
+            assert!(
+                has(
+                    &diags,
+                    "endpointslice default/web-1: not managed by endpointslice-controller.k8s.io"
+                ),
+                "{diags:?}"
+            );
+            assert_eq!(diags.len(), 1, "{diags:?}");
+        }
+        // --dsr-endpointslice-managers adds a manager.
+        let mut sl = two_nodes();
+        sl[0]
+            .metadata
+            .labels
+            .insert(MANAGED_BY.into(), "manual-test".into());
+        let s = Settings {
+            slice_managers: vec!["manual-test".into()],
+            ..settings()
+        };
+        let (d, diags) = run(&svc, &sl, &s);
+        assert_eq!(d.services[&k].dests.len(), 2);
+        assert!(diags.is_empty(), "{diags:?}");
+    }
+
+    #[test]
     fn skipped_kinds_of_service() {
         let s = settings();
         for extra in [
@@ -2822,6 +2897,23 @@ mod tests {
             ]
         );
         assert_eq!(ns, pod_ns());
+    }
+
+    #[test]
+    fn pod_never_closes_a_fou_port_it_did_not_open() {
+        let s = settings();
+        let mut ns = pod_ns();
+        let gue = |port| FouPort {
+            family: Family::V4,
+            port,
+            gue: true,
+        };
+        // Someone else's GUE ports: 6666, and 5555, the one DSR wants (used, never closed).
+        ns.fou = vec![gue(6666), gue(5555)];
+        pod_converge(&mut ns, &[&pod_want(&["203.0.113.10"], Some(5555))], &s);
+        pod_converge(&mut ns, &[&pod_want(&["203.0.113.10"], None)], &s);
+        pod_converge(&mut ns, &[], &s);
+        assert_eq!(ns.fou, [gue(6666), gue(5555)]);
     }
 
     #[test]

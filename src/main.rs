@@ -101,7 +101,13 @@ fn open_kernel() -> Option<NetlinkKernel> {
 
 /// The DSR shell over netlink, when DSR is on or an earlier run left DSR state to remove.
 fn dsr_shell(cfg: &Config, cleanup: bool) -> Option<DsrShell> {
-    let leftovers = [dsr::OWNED_FILE, podns::ACCEPT_LOCAL_FILE].iter().any(|f| {
+    let leftovers = [
+        dsr::OWNED_FILE,
+        podns::ACCEPT_LOCAL_FILE,
+        podns::POD_FOU_FILE,
+    ]
+    .iter()
+    .any(|f| {
         std::fs::metadata(cfg.state_dir.join(f))
             .map(|m| m.len() > 0)
             .unwrap_or(false)
@@ -131,6 +137,7 @@ fn dsr_shell(cfg: &Config, cleanup: bool) -> Option<DsrShell> {
             || podns::NetlinkPod::open(group),
             std::path::Path::new("/run/netns"),
             std::path::Path::new("/proc"),
+            &state_dir.join(podns::POD_FOU_FILE),
         );
         // The node side: accept_local where local DSR pods' replies come in (issue 13).
         let node = podns::node_accept_local(wants, &state_dir);

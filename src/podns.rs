@@ -52,11 +52,12 @@ use netlink_packet_route::{AddressFamily, IpProtocol};
 
 use crate::apply::KernelError;
 use crate::dsr::{self, Diag, PodLink, PodNs, PodOp, PodWant, Settings};
-use crate::model::{Family, Route};
+use crate::model::{Family, FouPort, Route};
 use crate::netlink::fou::{self, FOU_GENL_NAME};
 use crate::netlink::genl::Genl;
 use crate::netlink::rtnl;
 use crate::netlink::socket::{NetlinkError, NlSocket, Reply, Request, NETLINK_ROUTE};
+use crate::statefile::write_atomic;
 
 // ---------------------------------------------------------------------------------------------
 // Wire format (pure builders and parsers)
@@ -520,14 +521,20 @@ pub struct NsOutcome {
     pub failed: Vec<KernelError>,
     /// Problems the planner reported.
     pub diags: Vec<Diag>,
+    /// FOU ports of ours closed here.
+    pub closed: Vec<FouPort>,
 }
 
 /// Converges one namespace: reads, plans with [`dsr::plan_pod`], applies. A namespace that holds
-/// no wanted endpoint and no receive link of ours is left untouched after the first read.
+/// no wanted endpoint, no receive link of ours and no FOU port of ours (`ours_fou`, from the
+/// record) is left untouched after the first read. `record` is called before a FOU port is
+/// opened (write-ahead; an error keeps it closed).
 pub fn converge(
     k: &mut impl PodKernel,
     wants: &BTreeMap<IpAddr, PodWant>,
     s: &Settings,
+    ours_fou: &[FouPort],
+    record: &mut dyn FnMut(FouPort) -> std::io::Result<()>,
 ) -> Result<NsOutcome, KernelError> {
     let mut ns = k.read_basic()?;
     let ips = ns.ips();
@@ -539,14 +546,30 @@ pub fn converge(
         found: mine.iter().map(|w| w.ip).collect(),
         ..NsOutcome::default()
     };
-    if mine.is_empty() && !ours {
+    if mine.is_empty() && !ours && ours_fou.is_empty() {
         return Ok(out);
     }
     k.read_rest(&mut ns, s.protocol)?;
+    ns.ours_fou = ours_fou.to_vec();
     let ops = dsr::plan_pod(&mine, &ns, s, &mut out.diags);
     for op in &ops {
+        if let PodOp::AddFouPort(p) = op {
+            if let Err(e) = record(*p) {
+                out.failed.push(KernelError {
+                    op: op.to_string(),
+                    errno: 0,
+                    msg: format!("cannot record it: {e}"),
+                });
+                continue;
+            }
+        }
         match k.apply(op, &ns) {
-            Ok(()) => out.applied.push(op.to_string()),
+            Ok(()) => {
+                if let PodOp::DelFouPort(p) = op {
+                    out.closed.push(*p);
+                }
+                out.applied.push(op.to_string())
+            }
             Err(e) => out.failed.push(e),
         }
     }
@@ -775,6 +798,7 @@ pub fn reconcile_pods<K, F>(
     open: F,
     run_netns: &Path,
     proc: &Path,
+    record: &Path,
 ) -> PodsReport
 where
     K: PodKernel,
@@ -786,11 +810,25 @@ where
         namespaces: candidates.len(),
         ..PodsReport::default()
     };
+    // The FOU ports opened in pods, by namespace identity; those of vanished namespaces go.
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let mut owned: Vec<((u64, u64), FouPort)> = parse_pod_fou(&text)
+        .into_iter()
+        .filter(|(id, _)| candidates.iter().any(|c| c.id == *id))
+        .collect();
     let mut found: BTreeSet<IpAddr> = BTreeSet::new();
     for ns in candidates {
-        let r = in_netns(&ns.path, || converge(&mut open()?, wants, s));
+        let ours: Vec<FouPort> = owned.iter().filter(|o| o.0 == ns.id).map(|o| o.1).collect();
+        let mut rec = |p: FouPort| {
+            owned.push((ns.id, p));
+            write_atomic(record, render_pod_fou(&owned).as_bytes())
+        };
+        let r = in_netns(&ns.path, || {
+            converge(&mut open()?, wants, s, &ours, &mut rec)
+        });
         match r {
             Ok(Ok(o)) => {
+                owned.retain(|(id, p)| *id != ns.id || !o.closed.contains(p));
                 found.extend(o.found.iter().copied());
                 if !o.found.is_empty()
                     || !o.applied.is_empty()
@@ -807,6 +845,12 @@ where
             Err(e) => report.unreadable.push(e.to_string()),
         }
     }
+    let now = render_pod_fou(&owned);
+    if now != text {
+        if let Err(e) = write_atomic(record, now.as_bytes()) {
+            report.unreadable.push(format!("{}: {e}", record.display()));
+        }
+    }
     for ip in wants.keys().filter(|ip| !found.contains(ip)) {
         report.missing.push(*ip);
         report.diags.push(Diag {
@@ -816,6 +860,38 @@ where
         });
     }
     report
+}
+
+/// File name of the record of FOU ports opened in pods (in the state directory).
+pub const POD_FOU_FILE: &str = "dsr-pod-fou";
+
+/// The record as text: `dev ino family port` per port opened in the namespace `(dev, ino)`.
+fn render_pod_fou(owned: &[((u64, u64), FouPort)]) -> String {
+    owned
+        .iter()
+        .map(|((d, i), p)| format!("{d} {i} {} {}\n", p.family, p.port))
+        .collect()
+}
+
+/// Parses [`render_pod_fou`] text; unreadable lines are dropped (a port then stays open).
+fn parse_pod_fou(text: &str) -> Vec<((u64, u64), FouPort)> {
+    text.lines()
+        .filter_map(|l| {
+            let v: Vec<&str> = l.split(' ').collect();
+            let [d, i, f, p] = v[..] else { return None };
+            let family = match f {
+                "ipv4" => Family::V4,
+                "ipv6" => Family::V6,
+                _ => return None,
+            };
+            let port = FouPort {
+                family,
+                port: p.parse().ok()?,
+                gue: true,
+            };
+            Some(((d.parse().ok()?, i.parse().ok()?), port))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1322,6 +1398,7 @@ mod tests {
             rule_priority: 32000,
             protocol: 157,
             link_group: 19284,
+            slice_managers: Vec::new(),
         }
     }
 
@@ -1369,20 +1446,20 @@ mod tests {
         let wants: BTreeMap<IpAddr, PodWant> = [(want.ip, want)].into_iter().collect();
         // Another pod: read cheaply, left alone.
         let mut other = fake("10.244.1.9");
-        let o = converge(&mut other, &wants, &s).unwrap();
+        let o = converge(&mut other, &wants, &s, &[], &mut |_| Ok(())).unwrap();
         assert_eq!(
             (o.found.len(), o.applied.len(), other.full_reads),
             (0, 0, 0)
         );
         // The endpoint's pod: configured, then nothing more to do.
         let mut pod = fake("10.244.1.5");
-        let o = converge(&mut pod, &wants, &s).unwrap();
+        let o = converge(&mut pod, &wants, &s, &[], &mut |_| Ok(())).unwrap();
         assert_eq!(o.found, vec![ip("10.244.1.5")]);
         assert!(o.failed.is_empty() && o.applied.len() == 5, "{o:?}");
-        let o = converge(&mut pod, &wants, &s).unwrap();
+        let o = converge(&mut pod, &wants, &s, &[], &mut |_| Ok(())).unwrap();
         assert_eq!(o.applied, Vec::<String>::new());
         // The endpoint went away: our link is noticed and everything is removed.
-        let o = converge(&mut pod, &BTreeMap::new(), &s).unwrap();
+        let o = converge(&mut pod, &BTreeMap::new(), &s, &[], &mut |_| Ok(())).unwrap();
         assert!(o.found.is_empty() && !o.applied.is_empty(), "{o:?}");
         assert_eq!(pod.ns.links.len(), 1);
         assert!(pod.ns.rules.is_empty() && pod.ns.routes.is_empty());

@@ -45,6 +45,7 @@ fn settings(tunnel: DestTunnel) -> Settings {
         rule_priority: 32000,
         protocol: PROTO,
         link_group: GROUP,
+        slice_managers: vec![],
     }
 }
 
@@ -73,7 +74,8 @@ fn slice(name: &str, family: &str, eps: &[(&str, &str)]) -> EndpointSlice {
         .collect();
     serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "web"}},
+                     "labels": {"kubernetes.io/service-name": "web",
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
         "addressType": family, "endpoints": eps,
         "ports": [{"name": "http", "protocol": "TCP", "port": 80}]
     }))
@@ -277,6 +279,7 @@ fn reconcile_pods(d: &Desired, s: &Settings) -> podns::PodsReport {
         || NetlinkPod::open(s.link_group),
         Path::new("/run/netns"),
         &empty_proc,
+        &empty_proc.join("dsr-pod-fou"),
     );
     let failed: Vec<_> = r.failed().collect();
     assert!(failed.is_empty(), "{failed:?}");
@@ -301,6 +304,7 @@ fn pod_receiver_is_configured_and_removed() {
          ip -n {p} route add default via 10.244.1.1
          ip -n {p} -6 addr add fd00:244:1::5/64 dev eth0 nodad
          ip -n {p} -6 route add default via fd00:244:1::1
+         ip -n {p} fou add port 6666 gue
          ip -n {o} link add eth0 type dummy; ip -n {o} addr add 10.244.1.6/24 dev eth0",
         p = pod.name,
         o = other.name
@@ -391,7 +395,10 @@ fn pod_receiver_is_configured_and_removed() {
     reconcile_pods(&Desired::default(), &s);
     let links = pod.ip(&["link", "show"]);
     assert!(!links.contains("kt-dsr"), "{links}");
-    assert!(!pod.ip(&["fou", "show"]).contains("5555"));
+    let fou = pod.ip(&["fou", "show"]);
+    assert!(!fou.contains("5555"), "{fou}");
+    // Review S3: a FOU port kr-tunneld did not open in the pod is never closed.
+    assert!(fou.contains("port 6666 gue"), "{fou}");
     assert!(pod.ip(&["route", "show", "table", "78"]).trim().is_empty());
     assert!(!pod.ip(&["rule", "show"]).contains("proto 157"));
     assert!(!pod.ip(&["-6", "rule", "show"]).contains("proto 157"));

@@ -46,7 +46,8 @@ fn slice(endpoints: &[(&str, &str)]) -> Value {
     json!({
         "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
         "metadata": {"name": "web-x1", "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "web"}},
+                     "labels": {"kubernetes.io/service-name": "web",
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
         "addressType": "IPv4", "endpoints": eps,
         "ports": [{"name": "http", "protocol": "TCP", "port": 80}]
     })
